@@ -1,0 +1,1002 @@
+//! The one table that describes every command. The parser, `help`, the CLI's completion,
+//! the admission policy's list of advanced commands and the agent's dispatcher all read
+//! it, so a command exists exactly when it has a row here.
+
+use serde::Serialize;
+
+/// Who may run a command, and where it is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Read-only investigation; any live response role.
+    Basic,
+    /// Changes the device or moves files; needs the advanced role.
+    Advanced,
+    /// Handled by the CLI only, never sent to an agent.
+    Console,
+}
+
+impl Tier {
+    /// Lowercase name, as in the Command resource and the RBAC roles.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Basic => "basic",
+            Tier::Advanced => "advanced",
+            Tier::Console => "console",
+        }
+    }
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Operating system of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Windows,
+    Linux,
+    Macos,
+}
+
+impl Platform {
+    /// Lowercase name, as in `Device.status.os`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Windows => "windows",
+            Platform::Linux => "linux",
+            Platform::Macos => "macos",
+        }
+    }
+
+    /// The platform named by `Device.status.os` (case-insensitive).
+    pub fn from_name(name: &str) -> Option<Platform> {
+        [Platform::Windows, Platform::Linux, Platform::Macos]
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(name.trim()))
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a parameter value must look like; the parser checks and canonicalises it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueKind {
+    /// Any string, including the empty one.
+    Text,
+    /// A non-empty path on the device (interpreted by the agent, so any syntax).
+    Path,
+    /// A whole number that fits in a `u64`.
+    UInt,
+    /// One of a fixed set of lowercase words, matched case-insensitively.
+    Choice(&'static [&'static str]),
+}
+
+/// A positional or named (`-name value`) parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: ValueKind,
+    pub required: bool,
+    pub help: &'static str,
+}
+
+/// A flag: `-name` on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FlagSpec {
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+/// A table-mode column; `key` is the JSON field of an output record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Column {
+    pub key: &'static str,
+    pub header: &'static str,
+}
+
+/// Everything known about one command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CommandSpec {
+    /// One word, or two for a sub-command (`library delete`).
+    pub name: &'static str,
+    pub tier: Tier,
+    pub platforms: &'static [Platform],
+    /// In the fixed order they are typed; optional ones come last.
+    pub positional: &'static [ParamSpec],
+    /// `-name value`, in any order.
+    pub named: &'static [ParamSpec],
+    pub flags: &'static [FlagSpec],
+    /// Commands that `-auto` runs first, with the same entity.
+    pub prerequisites: &'static [&'static str],
+    pub columns: &'static [Column],
+    pub background_allowed: bool,
+    pub summary: &'static str,
+    pub help: &'static str,
+    pub examples: &'static [&'static str],
+}
+
+impl CommandSpec {
+    /// First word of the name: what a Command resource stores in `spec.command`.
+    pub fn verb(&self) -> &'static str {
+        self.name
+            .split_once(' ')
+            .map_or(self.name, |(verb, _)| verb)
+    }
+
+    /// Second word of a sub-command's name.
+    pub fn subcommand(&self) -> Option<&'static str> {
+        self.name.split_once(' ').map(|(_, sub)| sub)
+    }
+
+    pub fn supports(&self, platform: Platform) -> bool {
+        self.platforms.contains(&platform)
+    }
+
+    /// A positional or named parameter by its canonical name.
+    pub fn param(&self, name: &str) -> Option<&'static ParamSpec> {
+        self.positional
+            .iter()
+            .chain(self.named.iter())
+            .find(|p| p.name == name)
+    }
+
+    pub fn flag(&self, name: &str) -> Option<&'static FlagSpec> {
+        self.flags.iter().find(|f| f.name == name)
+    }
+
+    /// Whether the global `-output table|json` applies; console commands print for
+    /// themselves.
+    pub fn accepts_output(&self) -> bool {
+        self.tier != Tier::Console
+    }
+}
+
+const ALL: &[Platform] = &[Platform::Windows, Platform::Linux, Platform::Macos];
+const WINDOWS: &[Platform] = &[Platform::Windows];
+
+/// Entity types of `remediate`, `undo` and `analyze`; `analyze` takes the same ones
+/// so that `remediate -auto` can hand its entity to it unchanged.
+pub const ENTITY_TYPES: &[&str] = &[
+    "file",
+    "process",
+    "service",
+    "registry",
+    "scheduledtask",
+    "startupitem",
+];
+
+const fn required(name: &'static str, kind: ValueKind, help: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind,
+        required: true,
+        help,
+    }
+}
+
+const fn optional(name: &'static str, kind: ValueKind, help: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind,
+        required: false,
+        help,
+    }
+}
+
+const fn flag(name: &'static str, help: &'static str) -> FlagSpec {
+    FlagSpec { name, help }
+}
+
+const fn col(key: &'static str, header: &'static str) -> Column {
+    Column { key, header }
+}
+
+const NONE_PARAMS: &[ParamSpec] = &[];
+const NONE_FLAGS: &[FlagSpec] = &[];
+const NONE_COLUMNS: &[Column] = &[];
+
+const ENTITY: ParamSpec = required(
+    "entity",
+    ValueKind::Text,
+    "The entity: a path, process id, service name, registry value (KEY\\VALUE), task path or startup item name.",
+);
+
+const AUTO_REMEDIATION_COLUMNS: &[Column] = &[
+    col("entityType", "TYPE"),
+    col("entity", "ENTITY"),
+    col("action", "ACTION"),
+    col("quarantineId", "QUARANTINE ID"),
+];
+
+static REGISTRY: &[CommandSpec] = &[
+    // ---- Basic ----
+    CommandSpec {
+        name: "cd",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[required(
+            "path",
+            ValueKind::Path,
+            "Directory to change to, absolute or relative to the current one.",
+        )],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[col("path", "PATH")],
+        // A background `cd` would race the commands that rely on the directory it sets.
+        background_allowed: false,
+        summary: "Change the session's working directory",
+        help: "Relative paths in later commands resolve against the new directory; it is recorded in the session's status.workingDirectory.",
+        examples: &["cd C:\\Windows\\Temp", "cd \"/var/log/my app\"", "cd .."],
+    },
+    CommandSpec {
+        name: "connections",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("protocol", "PROTO"),
+            col("localAddress", "LOCAL ADDRESS"),
+            col("localPort", "LOCAL PORT"),
+            col("remoteAddress", "REMOTE ADDRESS"),
+            col("remotePort", "REMOTE PORT"),
+            col("state", "STATE"),
+            col("pid", "PID"),
+            col("processName", "PROCESS"),
+        ],
+        background_allowed: true,
+        summary: "List active network connections",
+        help: "TCP and UDP sockets with their owning process, like netstat.",
+        examples: &["connections", "connections -output json"],
+    },
+    CommandSpec {
+        name: "dir",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[optional(
+            "path",
+            ValueKind::Path,
+            "Directory to list; the working directory when omitted.",
+        )],
+        named: NONE_PARAMS,
+        flags: &[flag("full_path", "Show full paths instead of names.")],
+        prerequisites: &[],
+        columns: &[
+            col("name", "NAME"),
+            col("type", "TYPE"),
+            col("size", "SIZE"),
+            col("modified", "MODIFIED"),
+        ],
+        background_allowed: true,
+        summary: "List the files and subdirectories of a directory",
+        help: "Lists one directory, not recursively; use findfile to search a tree.",
+        examples: &["dir", "dir \"C:\\Program Files\" -full_path", "dir /etc"],
+    },
+    CommandSpec {
+        name: "drivers",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("name", "NAME"),
+            col("size", "SIZE"),
+            col("usedBy", "USED BY"),
+            col("state", "STATE"),
+        ],
+        background_allowed: true,
+        summary: "List loaded drivers and kernel modules",
+        help: "Windows drivers, Linux kernel modules or macOS kernel extensions.",
+        examples: &["drivers"],
+    },
+    CommandSpec {
+        name: "fileinfo",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[required("path", ValueKind::Path, "File to describe.")],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("path", "PATH"),
+            col("size", "SIZE"),
+            col("sha256", "SHA256"),
+            col("modified", "MODIFIED"),
+            col("owner", "OWNER"),
+            col("mode", "MODE"),
+        ],
+        background_allowed: true,
+        summary: "Show size, hashes, owner and times of a file",
+        help: "Hashes the whole file; getfile -auto runs it first so the download can be verified.",
+        examples: &[
+            "fileinfo C:\\Windows\\System32\\drivers\\etc\\hosts",
+            "fileinfo \"/tmp/dossier é/file ü.txt\"",
+        ],
+    },
+    CommandSpec {
+        name: "findfile",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[required(
+            "name",
+            ValueKind::Text,
+            "File name or glob (* and ?) to look for.",
+        )],
+        named: &[
+            optional(
+                "root",
+                ValueKind::Path,
+                "Directory to search under; all local drives or / when omitted.",
+            ),
+            optional(
+                "max_results",
+                ValueKind::UInt,
+                "Stop after this many matches.",
+            ),
+            optional(
+                "timeout_seconds",
+                ValueKind::UInt,
+                "Stop searching after this many seconds.",
+            ),
+        ],
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("path", "PATH"),
+            col("size", "SIZE"),
+            col("modified", "MODIFIED"),
+        ],
+        background_allowed: true,
+        summary: "Search the file system for files by name",
+        help: "Walks the tree below -root and lists files whose name matches; large trees take time, so bound it with -max_results or -timeout_seconds, or run it in the background.",
+        examples: &[
+            "findfile evil.exe",
+            "findfile \"*.ps1\" -root C:\\Users -max_results 100",
+            "findfile id_rsa -root /home -timeout_seconds 60 &",
+        ],
+    },
+    CommandSpec {
+        name: "help",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[
+            optional("command", ValueKind::Text, "Command to describe."),
+            optional(
+                "subcommand",
+                ValueKind::Text,
+                "Second word of a sub-command (library delete, remediate list).",
+            ),
+        ],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[col("command", "COMMAND"), col("summary", "SUMMARY")],
+        background_allowed: false,
+        summary: "List commands, or describe one",
+        help: "Without a command, lists every command with a one-line summary; with one, shows its usage, parameters and examples.",
+        examples: &["help", "help getfile", "help library delete"],
+    },
+    CommandSpec {
+        name: "status",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[optional(
+            "id",
+            ValueKind::UInt,
+            "Command id in this session; all commands when omitted.",
+        )],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("id", "ID"),
+            col("command", "COMMAND"),
+            col("phase", "PHASE"),
+            col("started", "STARTED"),
+            col("duration", "DURATION"),
+        ],
+        background_allowed: false,
+        summary: "Show the status of commands in this session",
+        help: "Reads the Command log of the session: phase, start time and duration of each command.",
+        examples: &["status", "status 3"],
+    },
+    CommandSpec {
+        name: "persistence",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("mechanism", "MECHANISM"),
+            col("name", "NAME"),
+            col("location", "LOCATION"),
+            col("command", "COMMAND"),
+        ],
+        background_allowed: true,
+        summary: "List known persistence mechanisms",
+        help: "Run keys, services, scheduled tasks, WMI subscriptions, cron, systemd units, launchd agents, shell profiles and similar autostart locations.",
+        examples: &["persistence", "persistence -output json > persistence.json"],
+    },
+    CommandSpec {
+        name: "processes",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: &[
+            optional(
+                "pid",
+                ValueKind::UInt,
+                "Show only the process with this id.",
+            ),
+            optional(
+                "name",
+                ValueKind::Text,
+                "Show only processes with this image name (case-insensitive).",
+            ),
+        ],
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("pid", "PID"),
+            col("ppid", "PPID"),
+            col("name", "NAME"),
+            col("user", "USER"),
+            col("memory", "MEMORY"),
+            col("commandLine", "COMMAND LINE"),
+        ],
+        background_allowed: true,
+        summary: "List running processes",
+        help: "Every process with its parent, owner, memory use and command line.",
+        examples: &[
+            "processes",
+            "processes -pid 4242",
+            "processes -name powershell.exe -output json",
+        ],
+    },
+    CommandSpec {
+        name: "registry",
+        tier: Tier::Basic,
+        platforms: WINDOWS,
+        positional: &[optional(
+            "key",
+            ValueKind::Text,
+            "Registry key, e.g. HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Run; the hives when omitted.",
+        )],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("key", "KEY"),
+            col("name", "NAME"),
+            col("type", "TYPE"),
+            col("data", "DATA"),
+        ],
+        background_allowed: true,
+        summary: "Show the values and subkeys of a registry key",
+        help: "Windows only.",
+        examples: &[
+            "registry HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Run",
+            "registry \"HKCU\\Software\\My Vendor\"",
+        ],
+    },
+    CommandSpec {
+        name: "scheduledtasks",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[optional("name", ValueKind::Text, "Show only this task.")],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("name", "NAME"),
+            col("schedule", "SCHEDULE"),
+            col("command", "COMMAND"),
+            col("source", "SOURCE"),
+        ],
+        background_allowed: true,
+        summary: "List scheduled tasks",
+        help: "Task Scheduler on Windows, cron and systemd timers on Linux, launchd jobs on macOS.",
+        examples: &[
+            "scheduledtasks",
+            "scheduledtasks \"\\Microsoft\\Windows\\Defrag\\ScheduledDefrag\"",
+        ],
+    },
+    CommandSpec {
+        name: "services",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: &[optional("name", ValueKind::Text, "Show only this service.")],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("name", "NAME"),
+            col("state", "STATE"),
+            col("subState", "SUB-STATE"),
+            col("description", "DESCRIPTION"),
+        ],
+        background_allowed: true,
+        summary: "List services and their state",
+        help: "Windows services, systemd units on Linux, launchd daemons on macOS.",
+        examples: &["services", "services sshd"],
+    },
+    CommandSpec {
+        name: "startupfolders",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("location", "LOCATION"),
+            col("name", "NAME"),
+            col("target", "TARGET"),
+            col("user", "USER"),
+        ],
+        background_allowed: true,
+        summary: "List the contents of startup folders",
+        help: "Windows Startup folders, XDG autostart directories on Linux, login items on macOS.",
+        examples: &["startupfolders"],
+    },
+    CommandSpec {
+        name: "trace",
+        tier: Tier::Basic,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: &[optional(
+            "level",
+            ValueKind::Choice(&["debug", "info", "warn", "error"]),
+            "Log level of the agent for this session; shows the current one when omitted.",
+        )],
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[col("level", "LEVEL")],
+        background_allowed: false,
+        summary: "Show or set the agent's log level for this session",
+        help: "Raise it to debug while troubleshooting a command that fails.",
+        examples: &["trace", "trace -level debug"],
+    },
+    // ---- Console ----
+    CommandSpec {
+        name: "cls",
+        tier: Tier::Console,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: NONE_COLUMNS,
+        background_allowed: false,
+        summary: "Clear the console screen",
+        help: "Only affects the local terminal.",
+        examples: &["cls"],
+    },
+    CommandSpec {
+        name: "connect",
+        tier: Tier::Console,
+        platforms: ALL,
+        positional: &[required(
+            "device",
+            ValueKind::Text,
+            "Name of the Device to open a session with.",
+        )],
+        named: &[optional(
+            "reason",
+            ValueKind::Text,
+            "Why you need the session; recorded in the session.",
+        )],
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: NONE_COLUMNS,
+        background_allowed: false,
+        summary: "Open a live response session with a device",
+        help: "Creates a LiveResponseSession and waits until it is Connected; ends the current session first.",
+        examples: &[
+            "connect web-01",
+            "connect web-01 -reason \"INC-4711 suspicious logins\"",
+        ],
+    },
+    CommandSpec {
+        name: "jobs",
+        tier: Tier::Console,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("id", "ID"),
+            col("command", "COMMAND"),
+            col("phase", "PHASE"),
+            col("started", "STARTED"),
+        ],
+        background_allowed: false,
+        summary: "List the commands running in the background",
+        help: "Bring one to the foreground with fg ID.",
+        examples: &["jobs"],
+    },
+    CommandSpec {
+        name: "fg",
+        tier: Tier::Console,
+        platforms: ALL,
+        positional: &[required(
+            "id",
+            ValueKind::UInt,
+            "Id of the background command, as listed by jobs.",
+        )],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: NONE_COLUMNS,
+        background_allowed: false,
+        summary: "Wait for a background command and show its output",
+        help: "Ctrl-C stops waiting without cancelling the command.",
+        examples: &["fg 3"],
+    },
+    CommandSpec {
+        name: "exit",
+        tier: Tier::Console,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: NONE_COLUMNS,
+        background_allowed: false,
+        summary: "End the session and leave the console",
+        help: "Sets the session to Disconnected; background commands keep running until they finish.",
+        examples: &["exit"],
+    },
+    // ---- Advanced ----
+    CommandSpec {
+        name: "analyze",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[
+            required(
+                "type",
+                ValueKind::Choice(ENTITY_TYPES),
+                "Kind of entity to analyse.",
+            ),
+            ENTITY,
+        ],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("entity", "ENTITY"),
+            col("verdict", "VERDICT"),
+            col("engine", "ENGINE"),
+            col("details", "DETAILS"),
+        ],
+        background_allowed: true,
+        summary: "Analyse an entity and give a verdict",
+        help: "Checks the file behind the entity (the file itself, a process image, a service binary, a task action...) against the configured engines.",
+        examples: &[
+            "analyze file C:\\Users\\Public\\evil.exe",
+            "analyze process 4242",
+        ],
+    },
+    CommandSpec {
+        name: "collect",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("path", "PACKAGE"),
+            col("size", "SIZE"),
+            col("sha256", "SHA256"),
+        ],
+        background_allowed: true,
+        summary: "Collect an investigation package",
+        help: "Gathers logs, autoruns, processes, connections and system information into one archive and uploads it to the artifact store.",
+        examples: &["collect &"],
+    },
+    CommandSpec {
+        name: "getfile",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[required("path", ValueKind::Path, "File to download.")],
+        named: NONE_PARAMS,
+        flags: &[flag(
+            "auto",
+            "Run fileinfo first, so the download can be verified.",
+        )],
+        prerequisites: &["fileinfo"],
+        columns: &[
+            col("path", "PATH"),
+            col("size", "SIZE"),
+            col("sha256", "SHA256"),
+            col("artifact", "ARTIFACT"),
+        ],
+        background_allowed: true,
+        summary: "Download a file from the device",
+        help: "Streams the file to the artifact store, verified by sha256; fetch it with `kubectl liveresponse download`. Bounded by the maxFileSize setting.",
+        examples: &[
+            "getfile \"C:\\Program Files\\Vendor\\agent.log\" -auto",
+            "getfile /var/log/auth.log &",
+        ],
+    },
+    CommandSpec {
+        name: "isolate",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[col("state", "STATE"), col("message", "MESSAGE")],
+        background_allowed: true,
+        summary: "Cut the device off the network, except for live response",
+        help: "Blocks all traffic but the agent's connection; undo with release.",
+        examples: &["isolate"],
+    },
+    CommandSpec {
+        name: "release",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[col("state", "STATE"), col("message", "MESSAGE")],
+        background_allowed: true,
+        summary: "Release the device from isolation",
+        help: "Restores the network configuration that isolate replaced.",
+        examples: &["release"],
+    },
+    CommandSpec {
+        name: "library",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("fileName", "FILE"),
+            col("description", "DESCRIPTION"),
+            col("size", "SIZE"),
+            col("signed", "SIGNED"),
+            col("phase", "PHASE"),
+        ],
+        background_allowed: true,
+        summary: "List the library files that run and putfile can use",
+        help: "Shows the LibraryFile resources of this namespace; add one with kubectl apply or `kubectl liveresponse library upload`.",
+        examples: &["library"],
+    },
+    CommandSpec {
+        name: "library delete",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[required(
+            "name",
+            ValueKind::Text,
+            "File name of the library file to delete.",
+        )],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[col("fileName", "FILE"), col("state", "STATE")],
+        background_allowed: true,
+        summary: "Delete a file from the library",
+        help: "Deletes the LibraryFile resource; devices that already received it keep their copy.",
+        examples: &["library delete collect-logs.ps1"],
+    },
+    CommandSpec {
+        name: "putfile",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[required(
+            "name",
+            ValueKind::Text,
+            "File name of the library file to copy to the device.",
+        )],
+        named: NONE_PARAMS,
+        flags: &[
+            flag(
+                "overwrite",
+                "Replace a file of the same name on the device.",
+            ),
+            flag(
+                "keep",
+                "Keep the file on the device after the session ends.",
+            ),
+        ],
+        prerequisites: &[],
+        columns: &[
+            col("path", "PATH"),
+            col("size", "SIZE"),
+            col("sha256", "SHA256"),
+        ],
+        background_allowed: true,
+        summary: "Copy a library file to the device",
+        help: "The agent checks the sha256 and, unless unsigned scripts are allowed, the signature before writing the file to its downloads directory, which is emptied when the session ends.",
+        examples: &[
+            "putfile collect-logs.ps1",
+            "putfile triage.sh -overwrite -keep",
+        ],
+    },
+    CommandSpec {
+        name: "remediate",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[
+            required(
+                "type",
+                ValueKind::Choice(ENTITY_TYPES),
+                "Kind of entity to remediate.",
+            ),
+            ENTITY,
+        ],
+        named: NONE_PARAMS,
+        flags: &[flag("auto", "Run analyze on the entity first.")],
+        prerequisites: &["analyze"],
+        columns: AUTO_REMEDIATION_COLUMNS,
+        background_allowed: true,
+        summary: "Remediate an entity (quarantine, kill, disable, remove)",
+        help: "Quarantines a file, kills a process, stops and disables a service, removes a registry value, scheduled task or startup item. The agent journals a backup first, so undo can reverse it.",
+        examples: &[
+            "remediate file \"C:\\Users\\Public\\evil.exe\" -auto",
+            "remediate process 4242",
+            "remediate scheduledtask \"\\Microsoft\\Windows\\Evil Task\"",
+        ],
+    },
+    CommandSpec {
+        name: "remediate list",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: NONE_PARAMS,
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("quarantineId", "ID"),
+            col("entityType", "TYPE"),
+            col("entity", "ENTITY"),
+            col("action", "ACTION"),
+            col("time", "TIME"),
+        ],
+        background_allowed: true,
+        summary: "List the remediations the agent has journaled",
+        help: "Everything undo can reverse on this device.",
+        examples: &["remediate list"],
+    },
+    CommandSpec {
+        name: "run",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[required(
+            "name",
+            ValueKind::Text,
+            "File name of the library script to run.",
+        )],
+        named: &[optional(
+            "parameters",
+            ValueKind::Text,
+            "Arguments for the script, split like a command line; quote them as one value.",
+        )],
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("exitCode", "EXIT CODE"),
+            col("stdout", "STDOUT"),
+            col("stderr", "STDERR"),
+        ],
+        background_allowed: true,
+        summary: "Run a library script on the device",
+        help: "The script is verified like putfile, then started without a shell, so its parameters need no escaping beyond the console's quotes.",
+        examples: &[
+            "run collect-logs.ps1",
+            "run collect-logs.ps1 -parameters \"-Verbose -Path C:\\Temp\"",
+        ],
+    },
+    CommandSpec {
+        name: "scan",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[optional(
+            "path",
+            ValueKind::Path,
+            "File or directory to scan; a quick scan of the device when omitted.",
+        )],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: &[
+            col("path", "PATH"),
+            col("threat", "THREAT"),
+            col("action", "ACTION"),
+        ],
+        background_allowed: true,
+        summary: "Run an antivirus scan",
+        help: "Uses the device's antivirus engine and reports what it found.",
+        examples: &["scan", "scan /home &"],
+    },
+    CommandSpec {
+        name: "undo",
+        tier: Tier::Advanced,
+        platforms: ALL,
+        positional: &[
+            required(
+                "type",
+                ValueKind::Choice(ENTITY_TYPES),
+                "Kind of entity to restore.",
+            ),
+            required(
+                "entity",
+                ValueKind::Text,
+                "The remediated entity, as given to remediate, or its quarantine id.",
+            ),
+        ],
+        named: NONE_PARAMS,
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: AUTO_REMEDIATION_COLUMNS,
+        background_allowed: true,
+        summary: "Reverse a remediation",
+        help: "Restores the entity from the agent's journal (see remediate list). A killed process cannot be brought back.",
+        examples: &[
+            "undo file \"C:\\Users\\Public\\evil.exe\"",
+            "undo service EvilSvc",
+        ],
+    },
+];
+
+/// Every command, basic first, then console, then advanced.
+pub fn registry() -> &'static [CommandSpec] {
+    REGISTRY
+}
+
+/// The command with exactly this name (`"library delete"`), ignoring ASCII case.
+pub fn find(name: &str) -> Option<&'static CommandSpec> {
+    REGISTRY.iter().find(|s| s.name.eq_ignore_ascii_case(name))
+}
+
+/// Distinct first words of the advanced commands, sorted: what the admission policy
+/// must treat as advanced in `Command.spec.command`.
+pub fn advanced_verbs() -> Vec<&'static str> {
+    let mut verbs: Vec<&'static str> = REGISTRY
+        .iter()
+        .filter(|s| s.tier == Tier::Advanced)
+        .map(CommandSpec::verb)
+        .collect();
+    verbs.sort_unstable();
+    verbs.dedup();
+    verbs
+}
+
+/// Distinct first words of all commands, sorted (for completion and suggestions).
+pub fn verbs() -> Vec<&'static str> {
+    let mut verbs: Vec<&'static str> = REGISTRY.iter().map(CommandSpec::verb).collect();
+    verbs.sort_unstable();
+    verbs.dedup();
+    verbs
+}
+
+/// The commands that share a first word, in registry order (`library`, `library delete`).
+pub(crate) fn family(verb: &str) -> impl Iterator<Item = &'static CommandSpec> + '_ {
+    REGISTRY
+        .iter()
+        .filter(move |s| s.verb().eq_ignore_ascii_case(verb))
+}
