@@ -40,8 +40,8 @@ ldk="-s -w -X $ver_pkg.gitVersion=$K8S_VERSION -X $ver_pkg.gitMajor=1 -X $ver_pk
 fetch_modules() { # $1: module dir
   say "downloading Go modules for $1 (once; they stay in $(go env GOMODCACHE))"
   if ! (cd "$1" && go mod download 2>&1 | tail -20 >&2); then
-    say "a Go module could not be fetched (see the error above). Check that the Go module proxy"
-    say "($(go env GOPROXY)) is reachable, or set GOPROXY to one that is, then run again."
+    say "a Go module could not be fetched: the 'go:' line above names it. Check that the Go module"
+    say "proxy (GOPROXY=$(go env GOPROXY)) is reachable, or set GOPROXY to one that is, then run again."
     exit 1
   fi
 }

@@ -3,9 +3,20 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
+use proptest::test_runner::FileFailurePersistence;
 
 use super::parser::split_line;
 use super::*;
+
+/// Failing cases are kept next to this file (`proptests.regressions`), where the
+/// command module's owner will see them, and replayed first on the next run.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    }
+}
 
 /// Strings that stress the quoting: anything Unicode, plus a bias towards the characters
 /// and words the lexer treats specially.
@@ -148,7 +159,7 @@ fn biased_piece() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(3_000))]
+    #![proptest_config(config(3_000))]
 
     #[test]
     fn render_parses_back_to_the_same_invocation(inv in invocation()) {
@@ -170,7 +181,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(20_000))]
+    #![proptest_config(config(20_000))]
 
     #[test]
     fn parse_line_never_panics(line in any::<String>()) {

@@ -203,13 +203,29 @@ mod tests {
 
     #[test]
     fn sub_command_words_are_quoted_as_first_positional() {
+        // No real command has a first positional that can equal a sub-command word
+        // (`remediate`'s type is a choice without "list"), so use a variant whose type is
+        // free text: unquoted, `list` would select `remediate list`.
+        let mut free = *spec("remediate");
+        free.positional = &[crate::command::ParamSpec {
+            name: "type",
+            kind: crate::command::ValueKind::Text,
+            required: true,
+            help: "",
+        }];
+        let free: &'static crate::command::CommandSpec = Box::leak(Box::new(free));
+        let mut inv = Invocation::new(free);
+        inv.positional.push(("type", "List".into()));
+        assert_eq!(inv.render(), r#"remediate "List""#);
+        assert_eq!(inv.args(), vec![r#""List""#]);
+        let unquoted = crate::command::parse_line("remediate List").map(|l| l.invocation.spec.name);
+        assert_eq!(unquoted, Ok("remediate list"));
+
+        // Only the first positional right after the verb is at risk.
         let mut inv = Invocation::new(spec("help"));
         inv.positional.push(("command", "library".into()));
         inv.positional.push(("subcommand", "delete".into()));
         assert_eq!(inv.render(), "help library delete");
-        // `help` has no sub-commands, so nothing conflicts; a verb that has them is
-        // covered by the property tests through `conflicts`.
-        assert!(!inv.conflicts("delete", Slot::FirstPositional));
     }
 
     #[test]

@@ -1,0 +1,67 @@
+# Live Response for Kubernetes. `make demo` and `make test` are the two entry points.
+SHELL := /bin/bash
+CARGO ?= cargo
+CLUSTER := e2e/cluster.sh
+
+.PHONY: all build crds check-crds fmt lint unit e2e test cluster-bin cluster-up cluster-down cluster-status demo prereqs
+
+all: build
+
+## Checks that the toolchains are there and says how to get what is missing.
+prereqs:
+	@command -v $(CARGO) >/dev/null || { echo "Rust (cargo) is missing: install it with rustup (https://rustup.rs) or apt-get install cargo"; exit 1; }
+	@command -v go >/dev/null || { echo "Go is missing: the test control plane is built from Go modules. Install Go 1.26+ and put it on PATH"; exit 1; }
+	@for t in openssl curl python3; do command -v $$t >/dev/null || { echo "$$t is missing: apt-get install $$t"; exit 1; }; done
+
+build:
+	$(CARGO) build --workspace --bins
+
+## Regenerates crds/ from the types in api/src/crd.
+crds:
+	$(CARGO) run -q -p liveresponse-api --bin crdgen -- crds
+
+## Fails when crds/ differs from what the types generate.
+check-crds:
+	$(CARGO) run -q -p liveresponse-api --bin crdgen -- --check crds
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --exclude liveresponse-e2e
+
+## Builds (once) the control plane from Go modules, then runs the end-to-end tests, which
+## bring it up and down themselves.
+e2e: cluster-bin
+	$(CARGO) test -p liveresponse-e2e
+
+test: prereqs lint check-crds unit e2e
+
+cluster-bin: prereqs
+	@$(CLUSTER) bin >/dev/null
+
+cluster-up: prereqs
+	@$(CLUSTER) up
+
+cluster-down:
+	@$(CLUSTER) down
+
+cluster-status:
+	@$(CLUSTER) status
+
+demo: cluster-up
+	@K=$$(cat e2e/.state/cluster/bin.path)/kubectl; \
+	export KUBECONFIG=$$PWD/e2e/.state/cluster/kubeconfig-admin; \
+	$$K apply -f crds/ >/dev/null && \
+	echo && echo "A real kube-apiserver, etcd and kube-controller-manager run on 127.0.0.1, with the live response CRDs:" && \
+	$$K wait --for=condition=Established --timeout=30s -f crds/ && \
+	echo && echo "Use it:" && \
+	echo "  export KUBECONFIG=$$KUBECONFIG" && \
+	echo "  $$K get liveresponse -A" && \
+	echo "  $$K explain lrc.spec" && \
+	echo "Other users (RBAC is real): e2e/.state/cluster/kubeconfig-{analyst-basic,analyst-advanced,library-admin,settings-admin,outsider}" && \
+	echo "Stop it with: make cluster-down"
