@@ -16,13 +16,13 @@ prereqs:
 build:
 	$(CARGO) build --workspace --bins
 
-## Regenerates crds/ from the types in api/src/crd.
+## Regenerates crds/ and config/admission/commands.yaml from api/
 crds:
-	$(CARGO) run -q -p liveresponse-api --bin crdgen -- crds
+	$(CARGO) run -q -p liveresponse-api --bin crdgen -- .
 
-## Fails when crds/ differs from what the types generate.
+## Fails when crds/ or config/admission/commands.yaml differ from what api/ generates.
 check-crds:
-	$(CARGO) run -q -p liveresponse-api --bin crdgen -- --check crds
+	$(CARGO) run -q -p liveresponse-api --bin crdgen -- --check .
 
 fmt:
 	$(CARGO) fmt --all

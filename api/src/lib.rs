@@ -2,6 +2,7 @@
 //! parser) and, later, the agent protocol. Everything else depends on this crate, so it
 //! does no I/O.
 
+pub mod admission;
 pub mod command;
 pub mod crd;
 

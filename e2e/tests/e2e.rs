@@ -2,6 +2,7 @@
 //! `e2e/cluster.sh`. The control plane comes up once before the tests and goes down after
 //! them. `LR_E2E_KEEP=1` leaves it running for a look afterwards.
 
+mod api;
 mod control_plane;
 
 use std::path::PathBuf;
@@ -59,6 +60,13 @@ fn main() {
         control_plane::owner_deletion_collects_dependents,
         control_plane::cluster_script_is_idempotent,
         control_plane::missing_go_is_explained,
+        api::api_is_installed_and_documented,
+        api::basic_analyst_tier,
+        api::advanced_analyst_tier,
+        api::outsider_can_create_nothing,
+        api::sessions_belong_to_their_requester,
+        api::library_and_settings_admins,
+        api::invalid_objects_are_explained,
     ];
     let conclusion = libtest_mimic::run(&args, tests);
     if std::env::var_os("LR_E2E_KEEP").is_none() {
