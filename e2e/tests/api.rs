@@ -247,27 +247,25 @@ pub async fn basic_analyst_tier(env: &'static Env) -> Result<()> {
         &["run", "liveresponse-advanced"],
     )?;
     // Status belongs to the operator.
-    for (kind, name) in [("lrc", "ps")] {
-        must_fail(
-            "basic: patch status",
-            kubectl_as(
-                c,
-                "analyst-basic",
-                &[
-                    "-n",
-                    &ns,
-                    "patch",
-                    kind,
-                    name,
-                    "--subresource=status",
-                    "--type=merge",
-                    "-p",
-                    r#"{"status":{"phase":"Succeeded"}}"#,
-                ],
-            )?,
-            &["forbidden"],
-        )?;
-    }
+    must_fail(
+        "basic: patch status",
+        kubectl_as(
+            c,
+            "analyst-basic",
+            &[
+                "-n",
+                &ns,
+                "patch",
+                "lrc",
+                "ps",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"phase":"Succeeded"}}"#,
+            ],
+        )?,
+        &["forbidden"],
+    )?;
     c.kubectl_ok(
         "analyst-basic",
         &["-n", &ns, "create", "-f", "-"],
