@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod command;
 pub mod crd;
+pub mod proto;
 
 /// API group of every live response resource.
 pub const GROUP: &str = "liveresponse.io";

@@ -150,6 +150,9 @@ pub struct CommandOutput {
     /// Key of the whole output in the artifact store, when it was kept there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<String>,
+    /// Notes from the device that are not records, such as what findfile skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A file a command moved (getfile).

@@ -1,0 +1,223 @@
+//! processes [-pid N] [-name X].
+
+use std::path::Path;
+
+use globset::GlobBuilder;
+use liveresponse_api::command::Invocation;
+use serde::Serialize;
+use sysinfo::{Pid, Process, ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind};
+
+use super::hostfs::{Accounts, HostFs};
+use super::{number, to_records};
+use crate::provider::{CommandResult, ExecContext, ExecError};
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct ProcessRecord {
+    pid: u32,
+    ppid: Option<u32>,
+    name: String,
+    user: Option<String>,
+    uid: Option<u32>,
+    start_time: Option<String>,
+    command_line: String,
+    args: Vec<String>,
+    image_path: Option<String>,
+    /// Resident memory in bytes.
+    memory: u64,
+    virtual_memory: u64,
+    state: String,
+}
+
+pub(super) fn processes(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
+    let pid = number(inv, "pid")?;
+    let name = inv.get("name");
+    let matcher = name.map(NameMatcher::new).transpose()?;
+
+    let mut system = System::new()
+        .map_err(|e| ExecError::Failed(format!("cannot read the process table: {e}")))?;
+    // Threads are not processes to an analyst; they would multiply every row.
+    let refresh = ProcessRefreshKind::nothing()
+        .with_memory()
+        .with_user(UpdateKind::OnlyIfNotSet)
+        .with_cmd(UpdateKind::OnlyIfNotSet)
+        .with_exe(UpdateKind::OnlyIfNotSet)
+        .without_tasks();
+    let wanted;
+    let which = match pid {
+        Some(pid) => {
+            let pid = u32::try_from(pid)
+                .map_err(|_| ExecError::NotFound(format!("no process with pid {pid}")))?;
+            wanted = [Pid::from_u32(pid)];
+            ProcessesToUpdate::Some(&wanted)
+        }
+        None => ProcessesToUpdate::All,
+    };
+    system.refresh_processes_specifics(which, true, refresh);
+    ctx.check()?;
+
+    let accounts = Accounts::load(&HostFs::of(ctx));
+    let mut rows: Vec<ProcessRecord> = system
+        .processes()
+        .values()
+        // A thread looked up by its id is still a thread, not a process.
+        .filter(|p| p.thread_kind() != Some(sysinfo::ThreadKind::Userland))
+        .filter(|p| pid.is_none_or(|pid| u64::from(p.pid().as_u32()) == pid))
+        .filter(|p| matcher.as_ref().is_none_or(|m| m.matches(p)))
+        .map(|p| record(p, &accounts))
+        .collect();
+    rows.sort_by_key(|r| r.pid);
+
+    if let Some(pid) = pid
+        && rows.is_empty()
+    {
+        return Err(ExecError::NotFound(format!("no process with pid {pid}")));
+    }
+    let mut result = CommandResult::with_records(to_records(&rows)?);
+    if let Some(name) = name
+        && rows.is_empty()
+    {
+        result
+            .warnings
+            .push(format!("no running process is named {name:?}"));
+    }
+    Ok(result)
+}
+
+fn record(p: &Process, accounts: &Accounts) -> ProcessRecord {
+    let args: Vec<String> = p
+        .cmd()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let uid = p.user_id().map(|u| **u);
+    ProcessRecord {
+        pid: p.pid().as_u32(),
+        ppid: p.parent().map(|pp| pp.as_u32()),
+        name: p.name().to_string_lossy().into_owned(),
+        user: uid.map(|u| accounts.user(u)),
+        uid,
+        start_time: i64::try_from(p.start_time())
+            .ok()
+            .and_then(|s| super::hostfs::rfc3339_from_unix(s, 0)),
+        command_line: args.join(" "),
+        args,
+        image_path: p.exe().map(|e| e.to_string_lossy().into_owned()),
+        memory: p.memory(),
+        virtual_memory: p.virtual_memory(),
+        state: p.status().to_string(),
+    }
+}
+
+/// `-name X`: exact and case-insensitive, against the kernel's name (comm, cut to 15
+/// characters), the executable's file name and argv[0]'s file name, so that long names
+/// and interpreters' scripts are found too; `*`, `?` and `[...]` make it a glob. Not a
+/// substring match: `-name sh` must not bring every bash, ssh and sshd.
+struct NameMatcher {
+    glob: globset::GlobMatcher,
+}
+
+impl NameMatcher {
+    fn new(name: &str) -> Result<Self, ExecError> {
+        let pattern = if name.contains(['*', '?', '[']) {
+            name.to_owned()
+        } else {
+            globset::escape(name)
+        };
+        let glob = GlobBuilder::new(&pattern)
+            .case_insensitive(true)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| ExecError::InvalidArgument(format!("invalid -name {name:?}: {e}")))?
+            .compile_matcher();
+        Ok(NameMatcher { glob })
+    }
+
+    fn matches(&self, p: &Process) -> bool {
+        let base = |path: &Path| path.file_name().map(|n| n.to_os_string());
+        let candidates = [
+            Some(p.name().to_os_string()),
+            p.exe().and_then(base),
+            p.cmd().first().and_then(|a| base(Path::new(a))),
+        ];
+        candidates
+            .iter()
+            .flatten()
+            .any(|n| self.glob.is_match(Path::new(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+
+    /// Kills the child even when an assertion fails.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn finds_a_spawned_process_by_pid_and_name() {
+        let marker = "31.4159";
+        let child = Child(
+            std::process::Command::new("sleep")
+                .arg(marker)
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id();
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "/etc/passwd", "root:x:0:0:root:/root:/bin/bash\n");
+        let ctx = ctx(dir.path());
+
+        let by_pid = run(&ctx, "processes", &["-pid", &pid.to_string()]).unwrap();
+        assert_columns("processes", &by_pid);
+        assert_eq!(by_pid.records.len(), 1);
+        let r = &by_pid.records[0];
+        assert_eq!(r["pid"], pid);
+        assert_eq!(r["ppid"], std::process::id());
+        assert_eq!(r["name"], "sleep");
+        assert!(r["commandLine"].as_str().unwrap().contains(marker), "{r}");
+        assert_eq!(r["args"][1], marker);
+        assert!(r["imagePath"].as_str().unwrap().ends_with("sleep"), "{r}");
+        assert!(r["startTime"].as_str().unwrap().ends_with('Z'));
+        let our_uid = std::fs::metadata("/proc/self").map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid()
+        });
+        if our_uid.is_ok_and(|u| u == 0) {
+            assert_eq!(r["user"], "root");
+        }
+
+        for name in ["sleep", "SLEEP", "sl*p"] {
+            let by_name = run(&ctx, "processes", &["-name", name]).unwrap();
+            assert!(
+                by_name.records.iter().any(|r| r["pid"] == pid),
+                "-name {name} misses {pid}"
+            );
+            assert!(by_name.records.iter().all(|r| r["name"] == "sleep"));
+        }
+        let substring = run(&ctx, "processes", &["-name", "slee"]).unwrap();
+        assert!(substring.records.iter().all(|r| r["pid"] != pid));
+
+        let all = run(&ctx, "processes", &[]).unwrap();
+        assert!(all.records.iter().any(|r| r["pid"] == pid));
+        assert!(all.records.iter().any(|r| r["pid"] == std::process::id()));
+        let pids: Vec<u64> = all.records.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+        assert!(pids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn missing_pid_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(&ctx(dir.path()), "processes", &["-pid", "4294967295"]).unwrap_err();
+        assert_eq!(err.reason(), "NotFound");
+        assert_eq!(err.to_string(), "no process with pid 4294967295");
+        let err = run(&ctx(dir.path()), "processes", &["-pid", "99999999999"]).unwrap_err();
+        assert_eq!(err.reason(), "NotFound");
+    }
+}

@@ -1,0 +1,193 @@
+//! OS providers: what a device command finds out about the machine the agent runs on.
+//!
+//! The executor parses a command with the registry, then hands the [`Invocation`] to the
+//! provider of this OS together with an [`ExecContext`]. Providers only read: they never
+//! change the device (remediation lives elsewhere), and every host file they read is read
+//! below [`ExecContext::host_root`], so the same code serves an agent installed on the host
+//! and one in a DaemonSet that mounts the host at `/host`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use liveresponse_api::command::Invocation;
+
+#[cfg(target_os = "linux")]
+pub mod linux;
+
+/// What an executor gives a provider for one command.
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    /// The host's filesystem root as the agent sees it: "/" for an agent on the host,
+    /// "/host" in a DaemonSet, a temporary directory in tests. Host files are read below
+    /// it, and symbolic links are resolved against it, so a link never leads out of it.
+    pub host_root: PathBuf,
+    /// The session's working directory: an absolute device path, i.e. as seen from the
+    /// host, without the `host_root` prefix. Relative paths resolve against it.
+    pub working_directory: String,
+    /// Set by the executor when the command is cancelled or timed out; long loops check it
+    /// often and return [`ExecError::Cancelled`].
+    pub cancelled: Arc<AtomicBool>,
+    /// Optional hard deadline; reaching it gives [`ExecError::TimedOut`].
+    pub deadline: Option<Instant>,
+}
+
+impl ExecContext {
+    /// A context for the host root `host_root`, working directory "/", no deadline.
+    pub fn new(host_root: impl Into<PathBuf>) -> Self {
+        ExecContext {
+            host_root: host_root.into(),
+            working_directory: "/".to_owned(),
+            cancelled: Arc::new(AtomicBool::new(false)),
+            deadline: None,
+        }
+    }
+
+    /// Err when the command was cancelled or ran past its deadline; long loops call this
+    /// between units of work.
+    pub fn check(&self) -> Result<(), ExecError> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(ExecError::Cancelled);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(ExecError::TimedOut);
+        }
+        Ok(())
+    }
+}
+
+/// What a provider gives back for one command.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommandResult {
+    /// Structured records, one JSON object per row; keys are camelCase and include every
+    /// table column key of the command's `spec.columns`.
+    pub records: Vec<serde_json::Value>,
+    /// Set by `cd`: the new canonical working directory (device path, without host_root).
+    pub working_directory: Option<String>,
+    /// Notes for the analyst that are not records, e.g. what findfile skipped.
+    pub warnings: Vec<String>,
+}
+
+impl CommandResult {
+    pub fn with_records(records: Vec<serde_json::Value>) -> Self {
+        CommandResult {
+            records,
+            ..CommandResult::default()
+        }
+    }
+}
+
+/// Why a command failed; [`ExecError::reason`] is what `Command.status.error.reason` shows.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{command} is not supported on {os}")]
+    NotSupported { command: String, os: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("timed out")]
+    TimedOut,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ExecError {
+    /// A stable, machine-readable name of the variant.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ExecError::NotSupported { .. } => "NotSupported",
+            ExecError::InvalidArgument(_) => "InvalidArgument",
+            ExecError::NotFound(_) => "NotFound",
+            ExecError::PermissionDenied(_) => "PermissionDenied",
+            ExecError::Cancelled => "Cancelled",
+            ExecError::TimedOut => "TimedOut",
+            ExecError::Failed(_) => "Failed",
+        }
+    }
+}
+
+/// One implementation per OS. Synchronous on purpose: the executor runs it on a blocking
+/// thread.
+pub trait Provider: Send + Sync {
+    /// `Device.status.os`: "linux", "windows", "macos".
+    fn os(&self) -> &'static str;
+    /// Command names (registry spec names, e.g. "processes", "findfile") this provider
+    /// implements, for the agent's hello.
+    fn capabilities(&self) -> Vec<&'static str>;
+    fn execute(&self, ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError>;
+}
+
+/// The provider for the OS this binary runs on.
+pub fn for_this_os() -> Box<dyn Provider> {
+    #[cfg(target_os = "linux")]
+    {
+        Box::new(linux::LinuxProvider::new())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Box::new(Unsupported)
+    }
+}
+
+/// Stands in on operating systems that have no provider yet, so the agent still connects
+/// and every command gets a clear answer instead of a silent empty result.
+#[cfg(not(target_os = "linux"))]
+struct Unsupported;
+
+#[cfg(not(target_os = "linux"))]
+impl Provider for Unsupported {
+    fn os(&self) -> &'static str {
+        match std::env::consts::OS {
+            "windows" => "windows",
+            "macos" => "macos",
+            other => other,
+        }
+    }
+
+    fn capabilities(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
+    fn execute(&self, _ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
+        Err(ExecError::NotSupported {
+            command: inv.spec.name.to_owned(),
+            os: self.os().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_stable() {
+        assert_eq!(
+            ExecError::NotSupported {
+                command: "registry".into(),
+                os: "linux".into()
+            }
+            .to_string(),
+            "registry is not supported on linux"
+        );
+        assert_eq!(ExecError::Cancelled.reason(), "Cancelled");
+        assert_eq!(ExecError::TimedOut.reason(), "TimedOut");
+        assert_eq!(ExecError::NotFound("x".into()).reason(), "NotFound");
+    }
+
+    #[test]
+    fn check_sees_cancellation_and_deadline() {
+        let mut ctx = ExecContext::new("/");
+        assert!(ctx.check().is_ok());
+        ctx.deadline = Some(Instant::now());
+        assert!(matches!(ctx.check(), Err(ExecError::TimedOut)));
+        ctx.cancelled.store(true, Ordering::Relaxed);
+        assert!(matches!(ctx.check(), Err(ExecError::Cancelled)));
+    }
+}
