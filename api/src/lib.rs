@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod command;
 pub mod crd;
+pub mod output;
 pub mod proto;
 
 /// API group of every live response resource.

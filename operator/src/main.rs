@@ -1,10 +1,200 @@
-//! `liveresponse-operator`: reconciles sessions, commands and library files and serves the
-//! agent gateway. The controllers arrive with the core issue; this binary is the seam.
+//! `liveresponse-operator`: reconciles sessions and commands and serves the agent gateway.
+//! Only the replica holding the Lease works; the others wait to take over.
 
-fn main() {
-    eprintln!(
-        "liveresponse-operator {}: the controllers are not built yet (see the open issues)",
-        env!("CARGO_PKG_VERSION")
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, ResourceExt};
+use liveresponse_api::crd::{Command, LiveResponseSession};
+use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
+use liveresponse_operator::context::Context;
+use liveresponse_operator::controllers::{self, command, device, session};
+use liveresponse_operator::gateway::{Gateway, GatewayService};
+use liveresponse_operator::metrics::Metrics;
+use liveresponse_operator::pki::Ca;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Live response operator: controllers and agent gateway")]
+struct Args {
+    /// Namespace of the operator itself: its CA Secret and leader Lease live there.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "liveresponse-system")]
+    namespace: String,
+    /// Address of the agent gateway (gRPC over TLS).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    gateway_addr: SocketAddr,
+    /// Names and IP addresses agents use to reach the gateway (its certificate's SANs).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+    gateway_names: Vec<String>,
+    /// Address of /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    metrics_addr: SocketAddr,
+    /// Name of this replica (the Lease holder identity and Device.status.gateway).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+    /// Seconds between agent heartbeats; an agent silent for three is disconnected.
+    #[arg(long, default_value_t = 5)]
+    heartbeat_seconds: u64,
+    /// Also write the CA certificate here, for agents to pin (the Secret holds it too).
+    #[arg(long)]
+    ca_out: Option<std::path::PathBuf>,
+    /// Concurrent reconciles per controller.
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
+        )
+        .with_current_span(false)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Err(e) = run(Args::parse()).await {
+        tracing::error!(error = %format!("{e:#}"), "operator stopped");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let instance = args
+        .instance
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let metrics = Metrics::new();
+    tokio::spawn({
+        let metrics = metrics.clone();
+        async move {
+            if let Err(e) = liveresponse_operator::metrics::serve(args.metrics_addr, metrics).await {
+                tracing::error!(error = %e, "metrics server stopped");
+                std::process::exit(1);
+            }
+        }
+    });
+
+    // Two replicas must never reconcile at once: wait for the Lease, and stop if it is lost.
+    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "liveresponse-operator")
+        .with_namespace(&args.namespace)
+        .with_identity(&instance)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await?;
+    let (mut leader, lease_task) = lease.watch().await;
+    tracing::info!(%instance, "waiting for the leader lease");
+    while !*leader.borrow_and_update() {
+        leader.changed().await?;
+    }
+    tracing::info!(%instance, "leading");
+    tokio::spawn(async move {
+        loop {
+            if leader.changed().await.is_err() || !*leader.borrow() {
+                tracing::error!("lost the leader lease; exiting so another replica takes over");
+                std::process::exit(1);
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let r = lease_task.await;
+        tracing::error!(result = ?r.map(|r| r.map(|_| ())), "lease task ended; exiting");
+        std::process::exit(1);
+    });
+
+    let ca = Arc::new(Ca::load_or_create(client.clone(), &args.namespace).await?);
+    if let Some(path) = &args.ca_out {
+        std::fs::write(path, &ca.cert_pem)?;
+    }
+    let serving = ca.serving_cert(&args.gateway_names)?;
+    let (gateway, events) = Gateway::new(
+        client.clone(),
+        ca.clone(),
+        instance.clone(),
+        Duration::from_secs(args.heartbeat_seconds.max(1)),
+        metrics.clone(),
     );
-    std::process::exit(2);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&serving.cert_pem, &serving.key_pem))
+        .client_ca_root(Certificate::from_pem(&ca.cert_pem))
+        // Enrollment happens before the agent has a certificate; Attach demands one.
+        .client_auth_optional(true);
+    let listener = tokio::net::TcpListener::bind(args.gateway_addr).await?;
+    tracing::info!(addr = %args.gateway_addr, "agent gateway listening");
+    let svc = AgentGatewayServer::new(GatewayService(gateway.clone()));
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let r = Server::builder()
+            .tls_config(tls)
+            .map(|mut s| s.add_service(svc).serve_with_incoming(incoming));
+        match r {
+            Ok(fut) => {
+                if let Err(e) = fut.await {
+                    tracing::error!(error = %e, "gateway stopped");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "gateway TLS configuration is invalid"),
+        }
+        std::process::exit(1);
+    });
+
+    let cfg = watcher::Config::default().any_semantic();
+    let ctrl_cfg = kube::runtime::controller::Config::default().concurrency(args.concurrency);
+    let sessions_api = Api::<LiveResponseSession>::all(client.clone());
+    let commands_api = Api::<Command>::all(client.clone());
+    let session_ctrl = Controller::new(sessions_api.clone(), cfg.clone()).with_config(ctrl_cfg.clone());
+    let command_ctrl = Controller::new(commands_api, cfg.clone()).with_config(ctrl_cfg);
+    let session_store = session_ctrl.store();
+    let command_store = command_ctrl.store();
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<Command>>();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        gateway.clone(),
+        metrics,
+        &instance,
+        command_store.clone(),
+        session_store,
+        wake_tx,
+    ));
+    tokio::spawn(device::run_events(ctx.clone(), events));
+    tokio::spawn(device::watch_deletions(ctx.clone()));
+
+    // A session's change (Connected, ended) concerns its commands.
+    let by_session = command_store.clone();
+    let command_ctrl = command_ctrl
+        .watches(sessions_api, cfg, move |s: LiveResponseSession| {
+            let ns = s.namespace();
+            let name = s.name_any();
+            by_session
+                .state()
+                .into_iter()
+                .filter(|c| c.namespace() == ns && c.spec.session == name)
+                .map(|c| ObjectRef::from_obj(c.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(wake_rx))
+        .shutdown_on_signal()
+        .run(command::reconcile, controllers::error_policy("command"), ctx.clone())
+        .for_each(|_| async {});
+    let session_ctrl = session_ctrl
+        .shutdown_on_signal()
+        .run(session::reconcile, controllers::error_policy("session"), ctx.clone())
+        .for_each(|_| async {});
+    tokio::join!(command_ctrl, session_ctrl);
+    tracing::info!("controllers stopped");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "operator".into())
 }
