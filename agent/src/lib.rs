@@ -1,4 +1,7 @@
-//! The live response endpoint agent: connection loop, command executors and one provider
-//! per operating system.
+//! The live response endpoint agent: enrollment, the connection loop, the command executor
+//! and one provider per operating system.
 
+pub mod connection;
+pub mod enroll;
+pub mod executor;
 pub mod provider;

@@ -1,10 +1,129 @@
-//! `liveresponse-agent`: the endpoint agent. Its connection loop and providers arrive with
-//! the core issue; this binary is the seam.
+//! `liveresponse-agent`: the endpoint agent. It enrolls once with a bootstrap token, then
+//! keeps a stream to the operator's gateway and runs the commands it receives.
 
-fn main() {
-    eprintln!(
-        "liveresponse-agent {}: the agent is not built yet (see the open issues)",
-        env!("CARGO_PKG_VERSION")
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use liveresponse_agent::connection::{Connector, hello};
+use liveresponse_agent::enroll::{Identityfiles, enroll};
+use liveresponse_agent::executor::{Executor, SetLogLevel};
+use tracing_subscriber::{EnvFilter, reload};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Live response agent")]
+struct Args {
+    /// Gateway URL, e.g. https://127.0.0.1:8443.
+    #[arg(long, env = "LR_GATEWAY")]
+    gateway: String,
+    /// Name in the gateway's certificate (defaults to the URL's host).
+    #[arg(long)]
+    gateway_name: Option<String>,
+    /// Folder for the agent's key, certificate and the operator's CA.
+    #[arg(
+        long,
+        env = "LR_STATE_DIR",
+        default_value = "/var/lib/liveresponse-agent"
+    )]
+    state_dir: PathBuf,
+    /// The operator's CA certificate (PEM), to trust the gateway while enrolling.
+    #[arg(long, env = "LR_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Tenant namespace to enroll into.
+    #[arg(long, env = "LR_NAMESPACE")]
+    namespace: Option<String>,
+    /// File holding a bootstrap token of that namespace (needed only to enroll).
+    #[arg(long, env = "LR_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Device name to enroll as (defaults to the host name, lowercased).
+    #[arg(long, env = "LR_DEVICE")]
+    device: Option<String>,
+    /// The host's filesystem as the agent sees it: / on the host, /host in a DaemonSet.
+    #[arg(long, env = "LR_HOST_ROOT", default_value = "/")]
+    host_root: PathBuf,
+    /// Protocol version to announce (only to test how an incompatible agent is refused).
+    #[arg(long, hide = true)]
+    protocol_version: Option<u32>,
+}
+
+#[tokio::main]
+async fn main() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    use tracing_subscriber::prelude::*;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().json())
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let set_level: SetLogLevel = Box::new(move |level: &str| -> Result<(), String> {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("bad trace level {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    });
+    if let Err(e) = run(Args::parse(), set_level).await {
+        tracing::error!(error = %format!("{e:#}"), "agent stopped");
+        eprintln!("liveresponse-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args, set_level: SetLogLevel) -> Result<()> {
+    let domain = match &args.gateway_name {
+        Some(n) => n.clone(),
+        None => args
+            .gateway
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(['/', ':']).next())
+            .map(str::to_string)
+            .context("cannot read the host of --gateway; pass --gateway-name")?,
+    };
+    let files = Identityfiles::new(&args.state_dir);
+    if !files.enrolled() {
+        let (Some(ns), Some(token_file), Some(ca_file)) =
+            (&args.namespace, &args.bootstrap_token_file, &args.ca_file)
+        else {
+            bail!(
+                "this agent is not enrolled yet ({} holds no certificate): pass --namespace, --bootstrap-token-file and --ca-file to enroll",
+                args.state_dir.display()
+            );
+        };
+        let token = std::fs::read_to_string(token_file).with_context(|| {
+            format!("reading the bootstrap token from {}", token_file.display())
+        })?;
+        let ca = std::fs::read_to_string(ca_file)
+            .with_context(|| format!("reading {}", ca_file.display()))?;
+        let device = match &args.device {
+            Some(d) => d.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_lowercase())
+                .unwrap_or_default(),
+        };
+        enroll(
+            &files,
+            &args.gateway,
+            &domain,
+            &ca,
+            ns,
+            &device,
+            token.trim(),
+        )
+        .await?;
+    }
+    let executor = Executor::new(
+        liveresponse_agent::provider::for_this_os(),
+        args.host_root.clone(),
+        set_level,
     );
-    std::process::exit(2);
+    let mut hello = hello(&executor, &args.host_root);
+    if let Some(v) = args.protocol_version {
+        hello.protocol_version = v;
+    }
+    let connector = Connector {
+        gateway: args.gateway.clone(),
+        tls: files.tls(&domain)?,
+        hello,
+        executor,
+    };
+    Err(connector.run().await)
 }

@@ -15,6 +15,8 @@ use crate::metrics::Metrics;
 /// Field manager of the operator's server-side-apply status patches.
 pub const MANAGER: &str = "liveresponse-operator";
 
+type SessionLock = Arc<tokio::sync::Mutex<()>>;
+
 pub struct Context {
     pub client: Client,
     pub gateway: Arc<Gateway>,
@@ -26,7 +28,7 @@ pub struct Context {
     /// for their agent to reconnect before they are failed.
     pub started: Instant,
     /// Serialises id assignment per session, so two commands never get the same id.
-    session_locks: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    session_locks: Mutex<HashMap<(String, String), SessionLock>>,
     /// Wakes Commands of a session when one of them finishes (the next may start).
     pub wake: tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<Command>>,
 }
@@ -62,7 +64,7 @@ impl Context {
         }
     }
 
-    pub fn session_lock(&self, ns: &str, session: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub fn session_lock(&self, ns: &str, session: &str) -> SessionLock {
         let mut locks = self.session_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks
             .entry((ns.to_string(), session.to_string()))
@@ -76,7 +78,11 @@ impl Context {
         K: Resource<DynamicType = ()>,
     {
         let ev = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: reason.into(),
             note: Some(note),
             action: reason.into(),

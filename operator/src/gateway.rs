@@ -43,9 +43,17 @@ pub struct CommandTarget {
 /// What the gateway saw that the operator must record.
 #[derive(Debug)]
 pub enum GatewayEvent {
-    Connected { device: DeviceKey, hello: Hello },
-    Seen { device: DeviceKey },
-    Disconnected { device: DeviceKey, running: Vec<(String, CommandTarget)> },
+    Connected {
+        device: DeviceKey,
+        hello: Hello,
+    },
+    Seen {
+        device: DeviceKey,
+    },
+    Disconnected {
+        device: DeviceKey,
+        running: Vec<(String, CommandTarget)>,
+    },
     Completed {
         uid: String,
         target: CommandTarget,
@@ -208,7 +216,11 @@ impl Gateway {
         });
     }
 
-    fn register(&self, device: DeviceKey, tx: mpsc::Sender<Result<OperatorMessage, Status>>) -> u64 {
+    fn register(
+        &self,
+        device: DeviceKey,
+        tx: mpsc::Sender<Result<OperatorMessage, Status>>,
+    ) -> u64 {
         let mut st = self.state();
         st.next_conn += 1;
         let id = st.next_conn;
@@ -216,9 +228,9 @@ impl Gateway {
         match old {
             // A reconnect replaces the old stream; tell the old one why it ends.
             Some(old) => {
-                let _ = old
-                    .tx
-                    .try_send(Err(Status::aborted("replaced by a newer connection of this device")));
+                let _ = old.tx.try_send(Err(Status::aborted(
+                    "replaced by a newer connection of this device",
+                )));
             }
             None => self.metrics.agents_connected.inc(),
         }
@@ -241,7 +253,11 @@ impl Gateway {
         }
     }
 
-    fn on_event(&self, device: &DeviceKey, ev: liveresponse_api::proto::CommandEvent) -> Result<(), Status> {
+    fn on_event(
+        &self,
+        device: &DeviceKey,
+        ev: liveresponse_api::proto::CommandEvent,
+    ) -> Result<(), Status> {
         let uid = ev.command_uid;
         match ev.event {
             Some(command_event::Event::Output(chunk)) => {
@@ -251,7 +267,9 @@ impl Gateway {
                 };
                 // A malicious agent must not reach another device's commands.
                 if &f.target.device != device {
-                    return Err(Status::permission_denied("that command belongs to another device"));
+                    return Err(Status::permission_denied(
+                        "that command belongs to another device",
+                    ));
                 }
                 if f.output.len() + chunk.data.len() > MAX_OUTPUT {
                     f.output.clear();
@@ -265,7 +283,9 @@ impl Gateway {
                     let mut st = self.state();
                     match st.inflight.get(&uid) {
                         Some(f) if &f.target.device != device => {
-                            return Err(Status::permission_denied("that command belongs to another device"));
+                            return Err(Status::permission_denied(
+                                "that command belongs to another device",
+                            ));
                         }
                         Some(_) => st.inflight.remove(&uid),
                         None => None,
@@ -280,19 +300,25 @@ impl Gateway {
                     });
                 }
             }
-            Some(command_event::Event::Started(_)) | Some(command_event::Event::Progress(_)) | None => {}
+            Some(command_event::Event::Started(_))
+            | Some(command_event::Event::Progress(_))
+            | None => {}
         }
         Ok(())
     }
 
     async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, Status> {
         if req.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(incompatible(req.protocol_version)));
+            return Err(Status::failed_precondition(incompatible(
+                req.protocol_version,
+            )));
         }
         let ns = req.namespace.trim();
         let name = req.device_name.trim();
         if !is_dns_label(ns) {
-            return Err(Status::invalid_argument(format!("namespace {ns:?} is not a valid namespace name")));
+            return Err(Status::invalid_argument(format!(
+                "namespace {ns:?} is not a valid namespace name"
+            )));
         }
         if !is_dns_label(name) {
             return Err(Status::invalid_argument(format!(
@@ -335,11 +361,18 @@ impl Gateway {
                     spec,
                     status: None,
                 };
-                devices.create(&PostParams::default(), &dev).await.map_err(internal)?;
+                devices
+                    .create(&PostParams::default(), &dev)
+                    .await
+                    .map_err(internal)?;
             }
             Some(_) => {
                 devices
-                    .patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({ "spec": spec })))
+                    .patch(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({ "spec": spec })),
+                    )
                     .await
                     .map_err(internal)?;
             }
@@ -369,19 +402,28 @@ impl Gateway {
 
     /// Who is on the other end of a stream: the device its certificate was issued for, as
     /// long as that Device still exists and recorded this very certificate.
-    async fn authenticate(&self, certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>) -> Result<DeviceKey, Status> {
+    async fn authenticate(
+        &self,
+        certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
+    ) -> Result<DeviceKey, Status> {
         let certs = certs.ok_or_else(|| {
-            Status::unauthenticated("a client certificate is required: enroll this agent first (--bootstrap-token)")
+            Status::unauthenticated(
+                "a client certificate is required: enroll this agent first (--bootstrap-token)",
+            )
         })?;
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let (ns, name) = pki::device_identity(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let (ns, name) = pki::device_identity(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let fp = pki::fingerprint(leaf.as_ref());
         let devices: Api<Device> = Api::namespaced(self.client.clone(), &ns);
         let dev = devices.get_opt(&name).await.map_err(internal)?;
         match dev {
-            Some(d) if d.metadata.deletion_timestamp.is_none() && d.spec.certificate_sha256.as_deref() == Some(fp.as_str()) => {
+            Some(d)
+                if d.metadata.deletion_timestamp.is_none()
+                    && d.spec.certificate_sha256.as_deref() == Some(fp.as_str()) =>
+            {
                 Ok((ns, name))
             }
             _ => Err(Status::permission_denied(format!(
@@ -405,7 +447,8 @@ fn internal(e: kube::Error) -> Status {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -423,13 +466,19 @@ pub struct GatewayService(pub Arc<Gateway>);
 
 #[tonic::async_trait]
 impl AgentGateway for GatewayService {
-    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        req: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
         self.0.enroll(req.into_inner()).await.map(Response::new)
     }
 
     type AttachStream = ReceiverStream<Result<OperatorMessage, Status>>;
 
-    async fn attach(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+    async fn attach(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
         let gw = self.0.clone();
         let device = gw.authenticate(req.peer_certs()).await?;
         let mut inbound = req.into_inner();
@@ -439,7 +488,11 @@ impl AgentGateway for GatewayService {
             .map_err(|_| Status::deadline_exceeded("no hello from the agent within 10s"))??;
         let hello = match first.and_then(|m| m.msg) {
             Some(agent_message::Msg::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message must be a hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
         };
         let (tx, rx) = mpsc::channel(64);
         if hello.protocol_version != PROTOCOL_VERSION {
@@ -447,7 +500,9 @@ impl AgentGateway for GatewayService {
             tracing::warn!(device = %device.1, %reason, "refusing agent");
             let _ = tx
                 .send(Ok(OperatorMessage {
-                    msg: Some(operator_message::Msg::Reject(Reject { reason: reason.clone() })),
+                    msg: Some(operator_message::Msg::Reject(Reject {
+                        reason: reason.clone(),
+                    })),
                 }))
                 .await;
             let _ = tx.send(Err(Status::failed_precondition(reason))).await;
@@ -478,7 +533,9 @@ impl AgentGateway for GatewayService {
                     Ok(Ok(None)) => break "stream closed".to_string(),
                     Ok(Ok(Some(m))) => match m.msg {
                         Some(agent_message::Msg::Heartbeat(_)) => {
-                            let _ = gw.events.send(GatewayEvent::Seen { device: device.clone() });
+                            let _ = gw.events.send(GatewayEvent::Seen {
+                                device: device.clone(),
+                            });
                         }
                         Some(agent_message::Msg::Event(ev)) => {
                             if let Err(s) = gw.on_event(&device, ev) {

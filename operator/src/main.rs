@@ -20,7 +20,10 @@ use liveresponse_operator::pki::Ca;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Live response operator: controllers and agent gateway")]
+#[command(
+    version,
+    about = "Live response operator: controllers and agent gateway"
+)]
 struct Args {
     /// Namespace of the operator itself: its CA Secret and leader Lease live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "liveresponse-system")]
@@ -75,7 +78,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn({
         let metrics = metrics.clone();
         async move {
-            if let Err(e) = liveresponse_operator::metrics::serve(args.metrics_addr, metrics).await {
+            if let Err(e) = liveresponse_operator::metrics::serve(args.metrics_addr, metrics).await
+            {
                 tracing::error!(error = %e, "metrics server stopped");
                 std::process::exit(1);
             }
@@ -83,13 +87,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     // Two replicas must never reconcile at once: wait for the Lease, and stop if it is lost.
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "liveresponse-operator")
-        .with_namespace(&args.namespace)
-        .with_identity(&instance)
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await?;
+    let lease =
+        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "liveresponse-operator")
+            .with_namespace(&args.namespace)
+            .with_identity(&instance)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await?;
     let (mut leader, lease_task) = lease.watch().await;
     tracing::info!(%instance, "waiting for the leader lease");
     while !*leader.borrow_and_update() {
@@ -150,7 +155,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ctrl_cfg = kube::runtime::controller::Config::default().concurrency(args.concurrency);
     let sessions_api = Api::<LiveResponseSession>::all(client.clone());
     let commands_api = Api::<Command>::all(client.clone());
-    let session_ctrl = Controller::new(sessions_api.clone(), cfg.clone()).with_config(ctrl_cfg.clone());
+    let session_ctrl =
+        Controller::new(sessions_api.clone(), cfg.clone()).with_config(ctrl_cfg.clone());
     let command_ctrl = Controller::new(commands_api, cfg.clone()).with_config(ctrl_cfg);
     let session_store = session_ctrl.store();
     let command_store = command_ctrl.store();
@@ -180,13 +186,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map(|c| ObjectRef::from_obj(c.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(wake_rx))
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            wake_rx,
+        ))
         .shutdown_on_signal()
-        .run(command::reconcile, controllers::error_policy("command"), ctx.clone())
+        .run(
+            command::reconcile,
+            controllers::error_policy("command"),
+            ctx.clone(),
+        )
         .for_each(|_| async {});
     let session_ctrl = session_ctrl
         .shutdown_on_signal()
-        .run(session::reconcile, controllers::error_policy("session"), ctx.clone())
+        .run(
+            session::reconcile,
+            controllers::error_policy("session"),
+            ctx.clone(),
+        )
         .for_each(|_| async {});
     tokio::join!(command_ctrl, session_ctrl);
     tracing::info!("controllers stopped");

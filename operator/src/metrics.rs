@@ -30,7 +30,10 @@ impl Metrics {
         )
         .expect("static metric definition");
         let commands = IntCounterVec::new(
-            Opts::new("liveresponse_commands_total", "Commands that finished, by verb and result"),
+            Opts::new(
+                "liveresponse_commands_total",
+                "Commands that finished, by verb and result",
+            ),
             &["verb", "result"],
         )
         .expect("static metric definition");
@@ -39,7 +42,9 @@ impl Metrics {
                 "liveresponse_command_duration_seconds",
                 "Seconds from Command creation to its final phase",
             )
-            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+            ]),
             &["verb"],
         )
         .expect("static metric definition");
@@ -49,7 +54,10 @@ impl Metrics {
         )
         .expect("static metric definition");
         let reconcile_errors = IntCounterVec::new(
-            Opts::new("liveresponse_reconcile_errors_total", "Reconcile errors by controller"),
+            Opts::new(
+                "liveresponse_reconcile_errors_total",
+                "Reconcile errors by controller",
+            ),
             &["controller"],
         )
         .expect("static metric definition");

@@ -43,8 +43,14 @@ impl Ca {
         }
         let ca = Self::generate()?;
         let mut data = BTreeMap::new();
-        data.insert("ca.crt".to_string(), ByteString(ca.cert_pem.clone().into_bytes()));
-        data.insert("ca.key".to_string(), ByteString(ca.key_pem.clone().into_bytes()));
+        data.insert(
+            "ca.crt".to_string(),
+            ByteString(ca.cert_pem.clone().into_bytes()),
+        );
+        data.insert(
+            "ca.key".to_string(),
+            ByteString(ca.key_pem.clone().into_bytes()),
+        );
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(CA_SECRET.into()),
@@ -60,7 +66,9 @@ impl Ca {
         };
         match api.create(&PostParams::default(), &secret).await {
             Ok(_) => Ok(ca),
-            Err(kube::Error::Api(s)) if s.code == 409 => Self::from_secret(&api.get(CA_SECRET).await?),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                Self::from_secret(&api.get(CA_SECRET).await?)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -72,7 +80,8 @@ impl Ca {
                 .as_ref()
                 .and_then(|d| d.get(k))
                 .ok_or_else(|| Error::Pki(format!("Secret {CA_SECRET} has no {k}")))?;
-            String::from_utf8(bytes.0.clone()).map_err(|_| Error::Pki(format!("{k} is not PEM text")))
+            String::from_utf8(bytes.0.clone())
+                .map_err(|_| Error::Pki(format!("{k} is not PEM text")))
         };
         Ok(Self {
             cert_pem: get("ca.crt")?,
@@ -84,7 +93,9 @@ impl Ca {
     pub fn generate() -> Result<Self> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.distinguished_name.push(DnType::CommonName, "liveresponse agent CA");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "liveresponse agent CA");
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2036, 1, 1);
@@ -104,12 +115,16 @@ impl Ca {
     /// The gateway's serving certificate for the given DNS names and IP addresses.
     pub fn serving_cert(&self, names: &[String]) -> Result<Issued> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, "liveresponse-gateway");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "liveresponse-gateway");
         for n in names {
-            params.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.clone().try_into()?),
-            });
+            params
+                .subject_alt_names
+                .push(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(n.clone().try_into()?),
+                });
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate()?;
@@ -123,15 +138,23 @@ impl Ca {
     /// Signs a device's CSR. Only the CSR's public key is used: the subject and SANs are the
     /// operator's, so an agent cannot ask for another identity. Returns the PEM and the
     /// certificate's SHA-256 fingerprint.
-    pub fn sign_device(&self, csr_pem: &str, namespace: &str, device: &str) -> Result<(String, String)> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| Error::Invalid(format!("the certificate signing request is not valid: {e}")))?;
+    pub fn sign_device(
+        &self,
+        csr_pem: &str,
+        namespace: &str,
+        device: &str,
+    ) -> Result<(String, String)> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            Error::Invalid(format!("the certificate signing request is not valid: {e}"))
+        })?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, device);
-        params.distinguished_name.push(DnType::OrganizationName, namespace);
         params
-            .subject_alt_names
-            .push(SanType::URI(format!("{URI_PREFIX}{namespace}/{device}").try_into()?));
+            .distinguished_name
+            .push(DnType::OrganizationName, namespace);
+        params.subject_alt_names.push(SanType::URI(
+            format!("{URI_PREFIX}{namespace}/{device}").try_into()?,
+        ));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let now = jiff::Timestamp::now();
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
@@ -167,7 +190,9 @@ pub fn device_identity(der: &[u8]) -> Result<(String, String)> {
             return Ok((ns.to_string(), dev.to_string()));
         }
     }
-    Err(Error::Invalid("the client certificate names no device".into()))
+    Err(Error::Invalid(
+        "the client certificate names no device".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -177,7 +202,9 @@ mod tests {
     fn csr() -> (String, KeyPair) {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, "someone-else");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "someone-else");
         let csr = params.serialize_request(&key).expect("csr");
         (csr.pem().expect("pem"), key)
     }
@@ -188,14 +215,21 @@ mod tests {
         let (csr, _key) = csr();
         let (pem, fp) = ca.sign_device(&csr, "tenant-a", "host-1").expect("sign");
         let der = pem_to_der(&pem);
-        assert_eq!(device_identity(&der).expect("identity"), ("tenant-a".into(), "host-1".into()));
+        assert_eq!(
+            device_identity(&der).expect("identity"),
+            ("tenant-a".into(), "host-1".into())
+        );
         assert_eq!(fingerprint(&der), fp);
     }
 
     #[test]
     fn garbage_csr_is_refused() {
         let ca = Ca::generate().expect("ca");
-        let err = ca.sign_device("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "ns", "d");
+        let err = ca.sign_device(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "ns",
+            "d",
+        );
         assert!(matches!(err, Err(Error::Invalid(m)) if m.contains("not valid")));
     }
 

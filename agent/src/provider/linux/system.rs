@@ -84,14 +84,12 @@ pub(crate) const SYSTEM_UNIT_DIRS: &[&str] = &[
 /// A parsed unit file.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Unit {
-    /// Device path of the file.
-    pub path: String,
     /// (section, key, value) in file order.
     entries: Vec<(String, String, String)>,
 }
 
 impl Unit {
-    pub(crate) fn parse(path: &str, text: &str) -> Unit {
+    pub(crate) fn parse(text: &str) -> Unit {
         let mut entries = Vec::new();
         let mut section = String::new();
         let mut pending = String::new();
@@ -112,13 +110,14 @@ impl Unit {
             if full.starts_with('[') && full.ends_with(']') {
                 section = full[1..full.len() - 1].trim().to_owned();
             } else if let Some((key, value)) = full.split_once('=') {
-                entries.push((section.clone(), key.trim().to_owned(), value.trim().to_owned()));
+                entries.push((
+                    section.clone(),
+                    key.trim().to_owned(),
+                    value.trim().to_owned(),
+                ));
             }
         }
-        Unit {
-            path: path.to_owned(),
-            entries,
-        }
+        Unit { entries }
     }
 
     /// The last value of a key (later assignments win), empty assignments reset.
@@ -153,14 +152,30 @@ impl Unit {
     }
 }
 
+/// The system unit directories that exist, canonical and each once: with a merged /usr,
+/// /lib/systemd/system is /usr/lib/systemd/system by another name.
+pub(crate) fn unit_dirs(hfs: &HostFs) -> Vec<String> {
+    let mut dirs: Vec<String> = Vec::new();
+    for dir in SYSTEM_UNIT_DIRS {
+        if let Ok(canonical) = hfs.canonical(dir)
+            && !dirs.contains(&canonical)
+        {
+            dirs.push(canonical);
+        }
+    }
+    dirs
+}
+
 /// The unit files of one kind (suffix ".service", ".timer") in the system directories:
 /// name -> device path of the file that wins (the first directory has precedence).
 pub(crate) fn unit_files(hfs: &HostFs, suffix: &str) -> BTreeMap<String, String> {
     let mut found = BTreeMap::new();
-    for dir in SYSTEM_UNIT_DIRS {
-        for name in hfs.list(dir) {
+    for dir in unit_dirs(hfs) {
+        for name in hfs.list(&dir) {
             if name.ends_with(suffix) {
-                found.entry(name.clone()).or_insert_with(|| join(dir, &name));
+                found
+                    .entry(name.clone())
+                    .or_insert_with(|| join(&dir, &name));
             }
         }
     }
@@ -170,11 +185,13 @@ pub(crate) fn unit_files(hfs: &HostFs, suffix: &str) -> BTreeMap<String, String>
 /// The file of a unit by name, trying the template (`foo@.service`) of an instance
 /// (`foo@bar.service`).
 pub(crate) fn find_unit(hfs: &HostFs, name: &str) -> Option<String> {
-    let template = name
-        .split_once('@')
-        .and_then(|(prefix, rest)| rest.rsplit_once('.').map(|(_, ext)| format!("{prefix}@.{ext}")));
+    let template = name.split_once('@').and_then(|(prefix, rest)| {
+        rest.rsplit_once('.')
+            .map(|(_, ext)| format!("{prefix}@.{ext}"))
+    });
+    let dirs = unit_dirs(hfs);
     for candidate in std::iter::once(name.to_owned()).chain(template) {
-        for dir in SYSTEM_UNIT_DIRS {
+        for dir in &dirs {
             let path = join(dir, &candidate);
             if hfs.exists(&path) || hfs.link_target(&path).is_some() {
                 return Some(path);
@@ -187,11 +204,8 @@ pub(crate) fn find_unit(hfs: &HostFs, name: &str) -> Option<String> {
 /// Reads a unit; a unit masked by a link to /dev/null has no content.
 pub(crate) fn load_unit(hfs: &HostFs, path: &str) -> Unit {
     match hfs.read_to_string(path) {
-        Ok(text) => Unit::parse(path, &text),
-        Err(_) => Unit {
-            path: path.to_owned(),
-            ..Unit::default()
-        },
+        Ok(text) => Unit::parse(&text),
+        Err(_) => Unit::default(),
     }
 }
 
@@ -240,7 +254,7 @@ pub(crate) fn enabled_links(hfs: &HostFs, dir: &str) -> Vec<EnabledLink> {
 /// found by name.
 pub(crate) fn unit_of_link(hfs: &HostFs, link: &EnabledLink) -> Option<String> {
     match hfs.link_target(&link.link) {
-        Some(target) if hfs.exists(&target) => Some(target),
+        Some(target) if hfs.exists(&target) => hfs.canonical(&target).ok(),
         _ if hfs.exists(&link.link) && hfs.link_target(&link.link).is_none() => {
             Some(link.link.clone())
         }
@@ -319,7 +333,10 @@ pub(super) fn services(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRes
     let mut seen = BTreeSet::new();
     if let Some(live) = &live {
         for u in live {
-            let path = files.get(&u.name).cloned().or_else(|| find_unit(&hfs, &u.name));
+            let path = files
+                .get(&u.name)
+                .cloned()
+                .or_else(|| find_unit(&hfs, &u.name));
             let (unit, enabled_state, _) = describe(&u.name, path.as_ref());
             seen.insert(u.name.clone());
             rows.push(ServiceRecord {
@@ -345,7 +362,11 @@ pub(super) fn services(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRes
         let (unit, enabled_state, masked) = describe(name, Some(path));
         let (state, sub_state, load) = if live.is_some() {
             // systemctl lists every unit in memory; one it does not know is not running.
-            ("inactive", Some("dead".to_owned()), Some(if masked { "masked" } else { "not-loaded" }.to_owned()))
+            (
+                "inactive",
+                Some("dead".to_owned()),
+                Some(if masked { "masked" } else { "not-loaded" }.to_owned()),
+            )
         } else {
             ("unknown", None, masked.then(|| "masked".to_owned()))
         };
@@ -431,7 +452,10 @@ fn parse_list_units(output: &str) -> Vec<LiveUnit> {
         .lines()
         .filter_map(|line| {
             // Some versions mark failed units with a bullet even in --plain mode.
-            let line = line.trim_start().trim_start_matches(['●', '*']).trim_start();
+            let line = line
+                .trim_start()
+                .trim_start_matches(['●', '*'])
+                .trim_start();
             let mut rest = line;
             let mut next = || {
                 let trimmed = rest.trim_start();
@@ -598,9 +622,8 @@ mod tests {
                 assert!(!Path::new("/proc/modules").exists(), "{e}");
                 assert_eq!(e.reason(), "Failed");
                 assert!(
-                    e.to_string().starts_with(
-                        "cannot list kernel modules: /proc/modules is not readable"
-                    ),
+                    e.to_string()
+                        .starts_with("cannot list kernel modules: /proc/modules is not readable"),
                     "{e}"
                 );
             }
@@ -610,7 +633,6 @@ mod tests {
     #[test]
     fn unit_parsing() {
         let unit = Unit::parse(
-            "/x.service",
             "[Unit]\nDescription=Evil\n# c\n[Service]\nExecStart=/bin/a \\\n  --flag\nExecStart=\nExecStart=/tmp/evil\nUser=bob\n",
         );
         assert_eq!(unit.get("Unit", "Description"), Some("Evil"));
@@ -685,7 +707,12 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            vec!["evil.service", "masked.service", "ssh.service", "static.service"]
+            vec![
+                "evil.service",
+                "masked.service",
+                "ssh.service",
+                "static.service"
+            ]
         );
         let evil = &result.records[0];
         assert_eq!(evil["state"], "unknown");
@@ -697,11 +724,19 @@ mod tests {
         assert_eq!(result.records[1]["enabled"], "masked");
         assert_eq!(result.records[2]["enabled"], "enabled");
         assert_eq!(result.records[3]["enabled"], "static");
-        assert!(result.warnings.iter().any(|w| w.contains("systemd is not running")));
+        assert!(
+            result
+                .warnings
+                .iter()
+                .any(|w| w.contains("systemd is not running"))
+        );
 
         let one = run(&ctx, "services", &["ssh"]).unwrap();
         assert_eq!(one.records.len(), 1);
-        assert_eq!(one.records[0]["unitFile"], "/usr/lib/systemd/system/ssh.service");
+        assert_eq!(
+            one.records[0]["unitFile"],
+            "/usr/lib/systemd/system/ssh.service"
+        );
         let err = run(&ctx, "services", &["nope"]).unwrap_err();
         assert_eq!(err.reason(), "NotFound");
     }
@@ -711,33 +746,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = run(&ctx(dir.path()), "services", &[]).unwrap_err();
         assert_eq!(err.reason(), "Failed");
-        assert!(err.to_string().starts_with("no service manager on this device"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("no service manager on this device"),
+            "{err}"
+        );
     }
 
     #[test]
     fn run_bounded_kills_on_cancel_and_reports_failures() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path());
-        let out = run_bounded(&ctx, {
-            let mut c = Command::new("sh");
-            c.args(["-c", "echo hello"]);
-            c
-        }, Duration::from_secs(5))
+        let out = run_bounded(
+            &ctx,
+            {
+                let mut c = Command::new("sh");
+                c.args(["-c", "echo hello"]);
+                c
+            },
+            Duration::from_secs(5),
+        )
         .unwrap();
         assert_eq!(out.trim(), "hello");
-        let err = run_bounded(&ctx, {
-            let mut c = Command::new("sh");
-            c.args(["-c", "echo broken >&2; exit 3"]);
-            c
-        }, Duration::from_secs(5))
+        let err = run_bounded(
+            &ctx,
+            {
+                let mut c = Command::new("sh");
+                c.args(["-c", "echo broken >&2; exit 3"]);
+                c
+            },
+            Duration::from_secs(5),
+        )
         .unwrap_err();
         assert!(err.to_string().contains("broken"), "{err}");
         let started = Instant::now();
-        let err = run_bounded(&ctx, {
-            let mut c = Command::new("sleep");
-            c.arg("30");
-            c
-        }, Duration::from_millis(200))
+        let err = run_bounded(
+            &ctx,
+            {
+                let mut c = Command::new("sleep");
+                c.arg("30");
+                c
+            },
+            Duration::from_millis(200),
+        )
         .unwrap_err();
         assert!(err.to_string().contains("did not answer"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));

@@ -1,0 +1,347 @@
+//! Runs commands: parses them with the registry, hands OS work to the provider on a blocking
+//! thread, answers the agent-level commands (help, status, trace) itself, and reports events.
+//!
+//! A command is known by its Command's uid. The executor remembers the uids it ran and their
+//! results, so a re-sent Execute (the operator restarted, or retried) never runs a command
+//! twice: it keeps running, or its result is sent again.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use liveresponse_api::command::{Invocation, parse_command};
+use liveresponse_api::proto::{
+    AgentMessage, CommandEvent, Completed, Execute, Outcome, OutputChunk, Started, agent_message,
+    command_event,
+};
+use tokio::sync::mpsc;
+
+use crate::provider::{CommandResult, ExecContext, ExecError, Provider};
+
+/// Commands the executor answers without the provider.
+pub const AGENT_COMMANDS: &[&str] = &["help", "status", "trace"];
+/// How many finished results are kept for replay.
+const REMEMBERED: usize = 512;
+/// Output travels in chunks of this size.
+const CHUNK: usize = 256 * 1024;
+
+/// Changes the agent's log filter (`trace -level`).
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+struct Job {
+    cancelled: Arc<AtomicBool>,
+    reason: Arc<Mutex<Option<String>>>,
+    started: Instant,
+    line: String,
+}
+
+#[derive(Default)]
+struct State {
+    running: HashMap<String, Job>,
+    done: HashMap<String, Vec<AgentMessage>>,
+    order: VecDeque<String>,
+    sender: Option<mpsc::Sender<AgentMessage>>,
+}
+
+/// Shared by the connection loop and the command tasks.
+pub struct Executor {
+    provider: Box<dyn Provider>,
+    host_root: PathBuf,
+    started: Instant,
+    state: Mutex<State>,
+    log_level: SetLogLevel,
+}
+
+impl Executor {
+    pub fn new(
+        provider: Box<dyn Provider>,
+        host_root: PathBuf,
+        log_level: SetLogLevel,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            provider,
+            host_root,
+            started: Instant::now(),
+            state: Mutex::new(State::default()),
+            log_level,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn os(&self) -> &'static str {
+        self.provider.os()
+    }
+
+    /// What this agent can run, for the hello.
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut caps: Vec<String> = self
+            .provider
+            .capabilities()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        caps.extend(AGENT_COMMANDS.iter().map(|s| s.to_string()));
+        caps.sort();
+        caps.dedup();
+        caps
+    }
+
+    /// Uids still running (sent with heartbeats).
+    pub fn running(&self) -> Vec<String> {
+        self.state().running.keys().cloned().collect()
+    }
+
+    /// Where events go: the current stream. While disconnected, events of finished commands
+    /// wait in the replay memory.
+    pub fn set_sender(&self, sender: Option<mpsc::Sender<AgentMessage>>) {
+        self.state().sender = sender;
+    }
+
+    async fn send(&self, msg: AgentMessage) {
+        let tx = self.state().sender.clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(msg).await;
+        }
+    }
+
+    pub async fn execute(self: &Arc<Self>, exec: Execute) {
+        let uid = exec.command_uid.clone();
+        let replay = {
+            let st = self.state();
+            if st.running.contains_key(&uid) {
+                tracing::info!(%uid, "already running; not starting it again");
+                return;
+            }
+            st.done.get(&uid).cloned()
+        };
+        if let Some(events) = replay {
+            tracing::info!(%uid, "already finished; sending its result again");
+            for e in events {
+                self.send(e).await;
+            }
+            return;
+        }
+        let job = Job {
+            cancelled: Arc::new(AtomicBool::new(false)),
+            reason: Arc::new(Mutex::new(None)),
+            started: Instant::now(),
+            line: format!("{} {}", exec.command, exec.args.join(" ")),
+        };
+        let cancelled = job.cancelled.clone();
+        let reason = job.reason.clone();
+        self.state().running.insert(uid.clone(), job);
+        self.send(event(&uid, command_event::Event::Started(Started {})))
+            .await;
+        let me = self.clone();
+        tokio::spawn(async move {
+            tracing::info!(%uid, command = %exec.command, session = %exec.session, "running");
+            let events = me.run(&exec, cancelled, reason).await;
+            {
+                let mut st = me.state();
+                st.running.remove(&uid);
+                st.done.insert(uid.clone(), events.clone());
+                st.order.push_back(uid.clone());
+                while st.order.len() > REMEMBERED {
+                    if let Some(old) = st.order.pop_front() {
+                        st.done.remove(&old);
+                    }
+                }
+            }
+            for e in events {
+                me.send(e).await;
+            }
+        });
+    }
+
+    /// Stops a running command: the provider sees the flag and returns.
+    pub fn cancel(&self, uid: &str, why: &str) {
+        let st = self.state();
+        if let Some(job) = st.running.get(uid) {
+            tracing::info!(%uid, reason = why, "stopping");
+            if let Ok(mut r) = job.reason.lock() {
+                *r = Some(why.to_string());
+            }
+            job.cancelled.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        exec: &Execute,
+        cancelled: Arc<AtomicBool>,
+        reason: Arc<Mutex<Option<String>>>,
+    ) -> Vec<AgentMessage> {
+        let uid = exec.command_uid.clone();
+        let inv = match parse_command(&exec.command, &exec.args) {
+            Ok(inv) => inv,
+            Err(e) => return failed(&uid, "ParseError", &e.to_string()),
+        };
+        let name = inv.spec.name;
+        let result = if AGENT_COMMANDS.contains(&name) {
+            self.agent_command(&inv)
+        } else if !self.provider.capabilities().contains(&name) {
+            Err(ExecError::NotSupported {
+                command: name.to_string(),
+                os: format!(
+                    "{} by this agent ({})",
+                    self.provider.os(),
+                    env!("CARGO_PKG_VERSION")
+                ),
+            })
+        } else {
+            let ctx = ExecContext {
+                host_root: self.host_root.clone(),
+                working_directory: if exec.working_directory.is_empty() {
+                    "/".into()
+                } else {
+                    exec.working_directory.clone()
+                },
+                cancelled,
+                deadline: (exec.timeout_seconds > 0)
+                    .then(|| Instant::now() + Duration::from_secs(u64::from(exec.timeout_seconds))),
+            };
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.provider.execute(&ctx, &inv)).await {
+                Ok(r) => r,
+                Err(e) => Err(ExecError::Failed(format!("the command crashed: {e}"))),
+            }
+        };
+        match result {
+            Ok(r) => succeeded(&uid, r),
+            Err(ExecError::Cancelled) => {
+                let why = reason
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.clone())
+                    .unwrap_or_default();
+                let (outcome, text) = if why == "timed out" {
+                    (Outcome::TimedOut, "stopped: the command timed out")
+                } else {
+                    (Outcome::Cancelled, "stopped: the command was cancelled")
+                };
+                completed(&uid, outcome, 130, "Cancelled", text)
+            }
+            Err(ExecError::TimedOut) => completed(
+                &uid,
+                Outcome::TimedOut,
+                124,
+                "TimedOut",
+                "the command reached its time limit",
+            ),
+            Err(e) => failed(&uid, e.reason(), &e.to_string()),
+        }
+    }
+
+    fn agent_command(&self, inv: &Invocation) -> Result<CommandResult, ExecError> {
+        match inv.spec.name {
+            "help" => {
+                let records = match inv.get("command") {
+                    Some(c) => {
+                        let text = liveresponse_api::command::help_for(c)
+                            .map_err(|e| ExecError::InvalidArgument(e.to_string()))?;
+                        text.lines()
+                            .enumerate()
+                            .map(|(i, l)| serde_json::json!({ "command": if i == 0 { c } else { "" }, "summary": l }))
+                            .collect()
+                    }
+                    None => liveresponse_api::command::registry()
+                        .iter()
+                        .filter(|s| s.tier != liveresponse_api::command::Tier::Console)
+                        .map(|s| serde_json::json!({ "command": s.name, "summary": s.summary, "tier": s.tier.as_str() }))
+                        .collect(),
+                };
+                Ok(CommandResult::with_records(records))
+            }
+            "status" => {
+                let st = self.state();
+                let mut records: Vec<serde_json::Value> = st
+                    .running
+                    .iter()
+                    .map(|(uid, j)| {
+                        serde_json::json!({
+                            "id": uid, "command": j.line.trim(), "phase": "Running",
+                            "duration": format!("{}s", j.started.elapsed().as_secs()),
+                        })
+                    })
+                    .collect();
+                records.push(serde_json::json!({
+                    "id": "agent", "command": format!("liveresponse-agent {} on {}", env!("CARGO_PKG_VERSION"), self.provider.os()),
+                    "phase": "Up", "duration": format!("{}s", self.started.elapsed().as_secs()),
+                }));
+                Ok(CommandResult::with_records(records))
+            }
+            "trace" => {
+                let level = inv.get("level").unwrap_or("info");
+                (self.log_level)(level).map_err(ExecError::InvalidArgument)?;
+                Ok(CommandResult::with_records(vec![
+                    serde_json::json!({ "level": level }),
+                ]))
+            }
+            other => Err(ExecError::Failed(format!(
+                "{other} is not an agent command"
+            ))),
+        }
+    }
+}
+
+fn event(uid: &str, e: command_event::Event) -> AgentMessage {
+    AgentMessage {
+        msg: Some(agent_message::Msg::Event(CommandEvent {
+            command_uid: uid.to_string(),
+            event: Some(e),
+        })),
+    }
+}
+
+fn completed(
+    uid: &str,
+    outcome: Outcome,
+    exit_code: i32,
+    reason: &str,
+    message: &str,
+) -> Vec<AgentMessage> {
+    vec![event(
+        uid,
+        command_event::Event::Completed(Completed {
+            outcome: outcome as i32,
+            exit_code,
+            error_reason: reason.to_string(),
+            error_message: message.to_string(),
+            ..Default::default()
+        }),
+    )]
+}
+
+fn failed(uid: &str, reason: &str, message: &str) -> Vec<AgentMessage> {
+    completed(uid, Outcome::Failed, 1, reason, message)
+}
+
+fn succeeded(uid: &str, r: CommandResult) -> Vec<AgentMessage> {
+    let data = serde_json::to_vec(&r.records).unwrap_or_else(|_| b"[]".to_vec());
+    let mut events: Vec<AgentMessage> = data
+        .chunks(CHUNK)
+        .map(|c| {
+            event(
+                uid,
+                command_event::Event::Output(OutputChunk { data: c.to_vec() }),
+            )
+        })
+        .collect();
+    events.push(event(
+        uid,
+        command_event::Event::Completed(Completed {
+            outcome: Outcome::Succeeded as i32,
+            exit_code: 0,
+            working_directory: r.working_directory.unwrap_or_default(),
+            warnings: r.warnings,
+            output_size: data.len() as u64,
+            ..Default::default()
+        }),
+    ));
+    events
+}
