@@ -16,6 +16,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
 /// The users of the static token file, each in its own group.
+pub mod stack;
+
 pub const USERS: [&str; 6] = [
     "admin",
     "analyst-basic",

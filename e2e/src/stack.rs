@@ -1,0 +1,368 @@
+//! The live response stack on a local control plane: the API installed, the operator and
+//! agents running as processes with pid files and logs in a state folder. `make demo-up`
+//! (through the `lr-stack` binary) and the end-to-end tests both start it with this code.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::Cluster;
+
+/// Namespace of the operator itself (CA Secret, leader Lease).
+pub const OPERATOR_NAMESPACE: &str = "liveresponse-system";
+
+/// A started stack.
+pub struct Stack {
+    pub cluster: Cluster,
+    /// Pid files, logs, agent state, bootstrap tokens.
+    pub dir: PathBuf,
+}
+
+/// Where cargo put the binaries (`make build` / `cargo build --bins`).
+pub fn target_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join("target"));
+    target.join("debug").join(name)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Whether the pid in `file` runs `exe` (a recycled pid belongs to another program).
+fn pid_alive(file: &Path, exe: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+    let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // A zombie is as good as gone.
+    if stat.contains(") Z ") {
+        return None;
+    }
+    (link.file_name()?.to_string_lossy().trim_end_matches(" (deleted)") == exe).then_some(pid)
+}
+
+fn kill(pid: u32, signal: &str) {
+    let _ = Proc::new("kill").args([signal, &pid.to_string()]).status();
+}
+
+impl Stack {
+    /// Installs the API and starts the operator unless it already runs (idempotent).
+    pub fn up(cluster: Cluster) -> Result<Self> {
+        let dir = cluster.state.join("stack");
+        std::fs::create_dir_all(&dir)?;
+        let stack = Self { cluster, dir };
+        for bin in ["liveresponse-operator", "liveresponse-agent"] {
+            if !target_bin(bin).exists() {
+                bail!("{} is not built: run `cargo build --bins` (or `make build`) first", target_bin(bin).display());
+            }
+        }
+        stack.install_api()?;
+        stack
+            .cluster
+            .kubectl_ok("admin", &["create", "namespace", OPERATOR_NAMESPACE, "--dry-run=client", "-o", "yaml"], None)
+            .and_then(|y| stack.cluster.kubectl_ok("admin", &["apply", "-f", "-"], Some(&y)))?;
+        stack.start_operator()?;
+        Ok(stack)
+    }
+
+    /// Applies CRDs, roles and admission policies and waits until discovery serves them.
+    pub fn install_api(&self) -> Result<()> {
+        let root = crate::repo_root();
+        let c = &self.cluster;
+        for p in ["crds", "config/rbac/roles.yaml", "config/admission/commands.yaml", "config/admission/sessions.yaml"] {
+            c.kubectl_ok("admin", &["apply", "-f", &root.join(p).to_string_lossy()], None)?;
+        }
+        c.kubectl_ok(
+            "admin",
+            &["wait", "--for=condition=Established", "--timeout=60s", "-f", &root.join("crds").to_string_lossy()],
+            None,
+        )?;
+        for _ in 0..50 {
+            let out = c.kubectl("admin", &["api-resources", "--api-group=liveresponse.io", "-o", "name"], None)?;
+            if String::from_utf8_lossy(&out.stdout).lines().count() >= 5 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("the liveresponse.io resources never appeared in discovery")
+    }
+
+    fn pidfile(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pid"))
+    }
+
+    /// Log file of a process of the stack.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
+    fn spawn(&self, name: &str, exe: &Path, args: &[String]) -> Result<u32> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log(name))?;
+        let child = Proc::new(exe)
+            .args(args)
+            .env("KUBECONFIG", self.cluster.kubeconfig("admin"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: it outlives `make demo-up` and ^C in that terminal.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        std::fs::write(self.pidfile(name), child.id().to_string())?;
+        Ok(child.id())
+    }
+
+    /// The gateway URL agents connect to.
+    pub fn gateway(&self) -> Result<String> {
+        let port = std::fs::read_to_string(self.dir.join("gateway.port")).context("the operator was never started")?;
+        Ok(format!("https://127.0.0.1:{}", port.trim()))
+    }
+
+    /// The operator's /metrics URL.
+    pub fn metrics_url(&self) -> Result<String> {
+        let port = std::fs::read_to_string(self.dir.join("metrics.port")).context("the operator was never started")?;
+        Ok(format!("http://127.0.0.1:{}/metrics", port.trim()))
+    }
+
+    /// The CA agents pin (the operator writes it on start).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// Pid of the running operator, if any.
+    pub fn operator_pid(&self) -> Option<u32> {
+        pid_alive(&self.pidfile("operator"), "liveresponse-operator")
+    }
+
+    /// Starts the operator (a no-op when it runs) and waits until its gateway accepts.
+    pub fn start_operator(&self) -> Result<()> {
+        if self.operator_pid().is_some() {
+            return Ok(());
+        }
+        // Keep ports across restarts, so agents find the gateway where it was.
+        let port = |f: &str| -> Result<u16> {
+            match std::fs::read_to_string(self.dir.join(f)) {
+                Ok(p) => Ok(p.trim().parse()?),
+                Err(_) => {
+                    let p = free_port()?;
+                    std::fs::write(self.dir.join(f), p.to_string())?;
+                    Ok(p)
+                }
+            }
+        };
+        let (gw, metrics) = (port("gateway.port")?, port("metrics.port")?);
+        let args = vec![
+            "--namespace".into(),
+            OPERATOR_NAMESPACE.into(),
+            "--gateway-addr".into(),
+            format!("127.0.0.1:{gw}"),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics}"),
+            "--ca-out".into(),
+            self.ca_file().to_string_lossy().into_owned(),
+            "--instance".into(),
+            "operator-0".into(),
+            "--heartbeat-seconds".into(),
+            "2".into(),
+        ];
+        let _ = std::fs::remove_file(self.ca_file());
+        self.spawn("operator", &target_bin("liveresponse-operator"), &args)?;
+        // The lease of a killed predecessor must expire first (15 s at most).
+        self.wait("the operator's gateway", Duration::from_secs(60), "operator", || {
+            Ok(self.ca_file().exists() && std::net::TcpStream::connect(("127.0.0.1", gw)).is_ok())
+        })
+    }
+
+    /// Kills the operator (SIGKILL: a crash, not a clean stop).
+    pub fn kill_operator(&self) {
+        if let Some(pid) = self.operator_pid() {
+            kill(pid, "-KILL");
+            self.wait_gone(pid);
+        }
+    }
+
+    fn wait_gone(&self, pid: u32) {
+        for _ in 0..100 {
+            let gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true);
+            if gone {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait(&self, what: &str, timeout: Duration, proc_name: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if ok()? {
+                return Ok(());
+            }
+            let exe = if proc_name == "operator" { "liveresponse-operator" } else { "liveresponse-agent" };
+            if pid_alive(&self.pidfile(proc_name), exe).is_none() {
+                bail!("{proc_name} exited while waiting for {what}; its log:\n{}", self.tail(proc_name));
+            }
+            if start.elapsed() > timeout {
+                bail!("timed out waiting for {what}; {proc_name} log:\n{}", self.tail(proc_name));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The last lines of a process's log.
+    pub fn tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// A tenant namespace with live response enabled (plus `settings` YAML fields merged into
+    /// the spec), the example role bindings and a bootstrap token.
+    pub fn tenant(&self, ns: &str, extra_settings: &str) -> Result<()> {
+        let c = &self.cluster;
+        let y = c.kubectl_ok("admin", &["create", "namespace", ns, "--dry-run=client", "-o", "yaml"], None)?;
+        c.kubectl_ok("admin", &["apply", "-f", "-"], Some(&y))?;
+        let bindings = std::fs::read_to_string(crate::repo_root().join("config/rbac/bindings-example.yaml"))?
+            .replace("NAMESPACE", ns);
+        c.kubectl_ok("admin", &["apply", "-f", "-"], Some(&bindings))?;
+        let settings = format!(
+            "apiVersion: liveresponse.io/v1alpha1\nkind: LiveResponseSettings\nmetadata: {{name: default, namespace: {ns}}}\nspec:\n  enabled: true\n{extra_settings}"
+        );
+        c.kubectl_ok("admin", &["apply", "-f", "-"], Some(&settings))?;
+        self.bootstrap_token(ns)?;
+        Ok(())
+    }
+
+    /// Creates (once) the namespace's bootstrap token Secret and returns its file.
+    pub fn bootstrap_token(&self, ns: &str) -> Result<PathBuf> {
+        let file = self.dir.join(format!("{ns}.token"));
+        if file.exists() {
+            return Ok(file);
+        }
+        let token = format!("{:032x}", rand_u128());
+        let secret = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: liveresponse-bootstrap\n  namespace: {ns}\n  labels: {{liveresponse.io/bootstrap-token: \"true\"}}\nstringData: {{token: \"{token}\"}}\n"
+        );
+        self.cluster.kubectl_ok("admin", &["apply", "-f", "-"], Some(&secret))?;
+        std::fs::write(&file, &token)?;
+        Ok(file)
+    }
+
+    fn agent_name(ns: &str, device: &str) -> String {
+        format!("agent-{ns}-{device}")
+    }
+
+    /// The state folder (key, certificate) of an agent.
+    pub fn agent_dir(&self, ns: &str, device: &str) -> PathBuf {
+        self.dir.join(Self::agent_name(ns, device))
+    }
+
+    /// Pid of a running agent.
+    pub fn agent_pid(&self, ns: &str, device: &str) -> Option<u32> {
+        pid_alive(&self.pidfile(&Self::agent_name(ns, device)), "liveresponse-agent")
+    }
+
+    /// Starts an agent for this machine as `device` in `ns` (enrolling it on first start),
+    /// reading host files under `host_root`. A no-op when it runs.
+    pub fn start_agent(&self, ns: &str, device: &str, host_root: &Path, extra: &[&str]) -> Result<()> {
+        if self.agent_pid(ns, device).is_some() {
+            return Ok(());
+        }
+        let token = self.bootstrap_token(ns)?;
+        let mut args: Vec<String> = vec![
+            "--gateway".into(),
+            self.gateway()?,
+            "--state-dir".into(),
+            self.agent_dir(ns, device).to_string_lossy().into_owned(),
+            "--ca-file".into(),
+            self.ca_file().to_string_lossy().into_owned(),
+            "--namespace".into(),
+            ns.into(),
+            "--bootstrap-token-file".into(),
+            token.to_string_lossy().into_owned(),
+            "--device".into(),
+            device.into(),
+            "--host-root".into(),
+            host_root.to_string_lossy().into_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(&Self::agent_name(ns, device), &target_bin("liveresponse-agent"), &args)?;
+        Ok(())
+    }
+
+    /// Kills an agent (SIGKILL).
+    pub fn kill_agent(&self, ns: &str, device: &str) {
+        if let Some(pid) = self.agent_pid(ns, device) {
+            kill(pid, "-KILL");
+            self.wait_gone(pid);
+        }
+    }
+
+    /// Waits until the Device reports `connected == want`.
+    pub fn wait_device(&self, ns: &str, device: &str, want: bool, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let out = self.cluster.kubectl(
+                "admin",
+                &["-n", ns, "get", "lrdev", device, "-o", "jsonpath={.status.connected}"],
+                None,
+            )?;
+            let got = String::from_utf8_lossy(&out.stdout).trim() == "true";
+            if out.status.success() && got == want {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "device {device} in {ns} did not become connected={want} within {timeout:?}; agent log:\n{}\noperator log:\n{}",
+                    self.tail(&Self::agent_name(ns, device)),
+                    self.tail("operator")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops every process of the stack (by pid file) and forgets them.
+    pub fn down(&self) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "pid") {
+                for exe in ["liveresponse-operator", "liveresponse-agent"] {
+                    if let Some(pid) = pid_alive(&path, exe) {
+                        kill(pid, "-TERM");
+                        self.wait_gone(pid);
+                        if pid_alive(&path, exe).is_some() {
+                            kill(pid, "-KILL");
+                            self.wait_gone(pid);
+                        }
+                    }
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rand_u128() -> u128 {
+    use std::io::Read;
+    let mut buf = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom")
+        && f.read_exact(&mut buf).is_ok()
+    {
+        return u128::from_le_bytes(buf);
+    }
+    // /dev/urandom exists on every Linux; this is only a fallback for a broken sandbox.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
