@@ -185,13 +185,19 @@ impl Executor {
         let result = if AGENT_COMMANDS.contains(&name) {
             self.agent_command(&inv)
         } else if !self.provider.capabilities().contains(&name) {
-            Err(ExecError::NotSupported {
-                command: name.to_string(),
-                os: format!(
-                    "{} by this agent ({})",
-                    self.provider.os(),
+            let os = self.provider.os();
+            let on_this_os = liveresponse_api::command::Platform::from_name(os)
+                .is_some_and(|p| inv.spec.supports(p));
+            Err(if on_this_os {
+                ExecError::Failed(format!(
+                    "{name} is not implemented by this agent ({}) yet",
                     env!("CARGO_PKG_VERSION")
-                ),
+                ))
+            } else {
+                ExecError::NotSupported {
+                    command: name.to_string(),
+                    os: os.to_string(),
+                }
             })
         } else {
             let ctx = ExecContext {
