@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := e2e/cluster.sh
 
-.PHONY: all build crds check-crds fmt lint unit e2e test cluster-bin cluster-up cluster-down cluster-status demo prereqs
+.PHONY: all build crds check-crds fmt lint unit e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs
 
 all: build
 
@@ -36,7 +36,7 @@ unit:
 
 ## Builds (once) the control plane from Go modules, then runs the end-to-end tests, which
 ## bring it up and down themselves.
-e2e: cluster-bin
+e2e: cluster-bin build
 	$(CARGO) test -p liveresponse-e2e
 
 test: prereqs lint check-crds unit e2e
@@ -52,6 +52,15 @@ cluster-down:
 
 cluster-status:
 	@$(CLUSTER) status
+
+## The local control plane, the API, namespace `demo` with live response on, the operator and
+## an agent for this machine, waiting until its Device is connected. Idempotent.
+demo-up: cluster-bin build
+	@./target/debug/lr-stack up
+
+## Stops exactly what demo-up started, and the control plane.
+demo-down:
+	@if [ -x ./target/debug/lr-stack ]; then ./target/debug/lr-stack down; else $(CLUSTER) down; fi
 
 demo: cluster-up
 	@K=$$(cat e2e/.state/cluster/bin.path)/kubectl; \

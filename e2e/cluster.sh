@@ -114,7 +114,16 @@ EOF
 start() { # $1 name, rest: command line. Detached, so it outlives this script.
   local name="$1"; shift
   setsid "$@" >"$state/$name.log" 2>&1 </dev/null &
-  echo $! >"$state/$name.pid"
+  local pid=$!
+  echo "$pid" >"$state/$name.pid"
+  # Until setsid has exec'd, /proc/PID/exe still names setsid: wait for the real binary so
+  # `alive` does not mistake a slow start for a crash.
+  local i
+  for i in $(seq 1 100); do
+    [ "$(basename "$(readlink "/proc/$pid/exe" 2>/dev/null || true)")" = "$name" ] && return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.05
+  done
 }
 
 wait_for() { # $1 what, $2 seconds, $3.. names that must stay alive, then a test command after --

@@ -16,6 +16,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
 /// The users of the static token file, each in its own group.
+pub mod lr;
 pub mod stack;
 
 pub const USERS: [&str; 6] = [
@@ -41,6 +42,7 @@ pub fn cluster_script() -> PathBuf {
 }
 
 /// A control plane started by `e2e/cluster.sh up` in its own state folder.
+#[derive(Clone)]
 pub struct Cluster {
     pub state: PathBuf,
     pub bin: PathBuf,

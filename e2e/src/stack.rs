@@ -29,7 +29,9 @@ pub fn target_bin(name: &str) -> PathBuf {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Whether the pid in `file` runs `exe` (a recycled pid belongs to another program).
@@ -41,7 +43,12 @@ fn pid_alive(file: &Path, exe: &str) -> Option<u32> {
     if stat.contains(") Z ") {
         return None;
     }
-    (link.file_name()?.to_string_lossy().trim_end_matches(" (deleted)") == exe).then_some(pid)
+    (link
+        .file_name()?
+        .to_string_lossy()
+        .trim_end_matches(" (deleted)")
+        == exe)
+        .then_some(pid)
 }
 
 fn kill(pid: u32, signal: &str) {
@@ -56,14 +63,32 @@ impl Stack {
         let stack = Self { cluster, dir };
         for bin in ["liveresponse-operator", "liveresponse-agent"] {
             if !target_bin(bin).exists() {
-                bail!("{} is not built: run `cargo build --bins` (or `make build`) first", target_bin(bin).display());
+                bail!(
+                    "{} is not built: run `cargo build --bins` (or `make build`) first",
+                    target_bin(bin).display()
+                );
             }
         }
         stack.install_api()?;
         stack
             .cluster
-            .kubectl_ok("admin", &["create", "namespace", OPERATOR_NAMESPACE, "--dry-run=client", "-o", "yaml"], None)
-            .and_then(|y| stack.cluster.kubectl_ok("admin", &["apply", "-f", "-"], Some(&y)))?;
+            .kubectl_ok(
+                "admin",
+                &[
+                    "create",
+                    "namespace",
+                    OPERATOR_NAMESPACE,
+                    "--dry-run=client",
+                    "-o",
+                    "yaml",
+                ],
+                None,
+            )
+            .and_then(|y| {
+                stack
+                    .cluster
+                    .kubectl_ok("admin", &["apply", "-f", "-"], Some(&y))
+            })?;
         stack.start_operator()?;
         Ok(stack)
     }
@@ -72,16 +97,35 @@ impl Stack {
     pub fn install_api(&self) -> Result<()> {
         let root = crate::repo_root();
         let c = &self.cluster;
-        for p in ["crds", "config/rbac/roles.yaml", "config/admission/commands.yaml", "config/admission/sessions.yaml"] {
-            c.kubectl_ok("admin", &["apply", "-f", &root.join(p).to_string_lossy()], None)?;
+        for p in [
+            "crds",
+            "config/rbac/roles.yaml",
+            "config/admission/commands.yaml",
+            "config/admission/sessions.yaml",
+        ] {
+            c.kubectl_ok(
+                "admin",
+                &["apply", "-f", &root.join(p).to_string_lossy()],
+                None,
+            )?;
         }
         c.kubectl_ok(
             "admin",
-            &["wait", "--for=condition=Established", "--timeout=60s", "-f", &root.join("crds").to_string_lossy()],
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "-f",
+                &root.join("crds").to_string_lossy(),
+            ],
             None,
         )?;
         for _ in 0..50 {
-            let out = c.kubectl("admin", &["api-resources", "--api-group=liveresponse.io", "-o", "name"], None)?;
+            let out = c.kubectl(
+                "admin",
+                &["api-resources", "--api-group=liveresponse.io", "-o", "name"],
+                None,
+            )?;
             if String::from_utf8_lossy(&out.stdout).lines().count() >= 5 {
                 return Ok(());
             }
@@ -101,7 +145,10 @@ impl Stack {
 
     fn spawn(&self, name: &str, exe: &Path, args: &[String]) -> Result<u32> {
         use std::os::unix::process::CommandExt;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log(name))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(name))?;
         let child = Proc::new(exe)
             .args(args)
             .env("KUBECONFIG", self.cluster.kubeconfig("admin"))
@@ -118,13 +165,15 @@ impl Stack {
 
     /// The gateway URL agents connect to.
     pub fn gateway(&self) -> Result<String> {
-        let port = std::fs::read_to_string(self.dir.join("gateway.port")).context("the operator was never started")?;
+        let port = std::fs::read_to_string(self.dir.join("gateway.port"))
+            .context("the operator was never started")?;
         Ok(format!("https://127.0.0.1:{}", port.trim()))
     }
 
     /// The operator's /metrics URL.
     pub fn metrics_url(&self) -> Result<String> {
-        let port = std::fs::read_to_string(self.dir.join("metrics.port")).context("the operator was never started")?;
+        let port = std::fs::read_to_string(self.dir.join("metrics.port"))
+            .context("the operator was never started")?;
         Ok(format!("http://127.0.0.1:{}/metrics", port.trim()))
     }
 
@@ -172,9 +221,15 @@ impl Stack {
         let _ = std::fs::remove_file(self.ca_file());
         self.spawn("operator", &target_bin("liveresponse-operator"), &args)?;
         // The lease of a killed predecessor must expire first (15 s at most).
-        self.wait("the operator's gateway", Duration::from_secs(60), "operator", || {
-            Ok(self.ca_file().exists() && std::net::TcpStream::connect(("127.0.0.1", gw)).is_ok())
-        })
+        self.wait(
+            "the operator's gateway",
+            Duration::from_secs(60),
+            "operator",
+            || {
+                Ok(self.ca_file().exists()
+                    && std::net::TcpStream::connect(("127.0.0.1", gw)).is_ok())
+            },
+        )
     }
 
     /// Kills the operator (SIGKILL: a crash, not a clean stop).
@@ -197,18 +252,34 @@ impl Stack {
         }
     }
 
-    fn wait(&self, what: &str, timeout: Duration, proc_name: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        proc_name: &str,
+        mut ok: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
         let start = Instant::now();
         loop {
             if ok()? {
                 return Ok(());
             }
-            let exe = if proc_name == "operator" { "liveresponse-operator" } else { "liveresponse-agent" };
+            let exe = if proc_name == "operator" {
+                "liveresponse-operator"
+            } else {
+                "liveresponse-agent"
+            };
             if pid_alive(&self.pidfile(proc_name), exe).is_none() {
-                bail!("{proc_name} exited while waiting for {what}; its log:\n{}", self.tail(proc_name));
+                bail!(
+                    "{proc_name} exited while waiting for {what}; its log:\n{}",
+                    self.tail(proc_name)
+                );
             }
             if start.elapsed() > timeout {
-                bail!("timed out waiting for {what}; {proc_name} log:\n{}", self.tail(proc_name));
+                bail!(
+                    "timed out waiting for {what}; {proc_name} log:\n{}",
+                    self.tail(proc_name)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -225,10 +296,15 @@ impl Stack {
     /// the spec), the example role bindings and a bootstrap token.
     pub fn tenant(&self, ns: &str, extra_settings: &str) -> Result<()> {
         let c = &self.cluster;
-        let y = c.kubectl_ok("admin", &["create", "namespace", ns, "--dry-run=client", "-o", "yaml"], None)?;
+        let y = c.kubectl_ok(
+            "admin",
+            &["create", "namespace", ns, "--dry-run=client", "-o", "yaml"],
+            None,
+        )?;
         c.kubectl_ok("admin", &["apply", "-f", "-"], Some(&y))?;
-        let bindings = std::fs::read_to_string(crate::repo_root().join("config/rbac/bindings-example.yaml"))?
-            .replace("NAMESPACE", ns);
+        let bindings =
+            std::fs::read_to_string(crate::repo_root().join("config/rbac/bindings-example.yaml"))?
+                .replace("NAMESPACE", ns);
         c.kubectl_ok("admin", &["apply", "-f", "-"], Some(&bindings))?;
         let settings = format!(
             "apiVersion: liveresponse.io/v1alpha1\nkind: LiveResponseSettings\nmetadata: {{name: default, namespace: {ns}}}\nspec:\n  enabled: true\n{extra_settings}"
@@ -248,7 +324,8 @@ impl Stack {
         let secret = format!(
             "apiVersion: v1\nkind: Secret\nmetadata:\n  name: liveresponse-bootstrap\n  namespace: {ns}\n  labels: {{liveresponse.io/bootstrap-token: \"true\"}}\nstringData: {{token: \"{token}\"}}\n"
         );
-        self.cluster.kubectl_ok("admin", &["apply", "-f", "-"], Some(&secret))?;
+        self.cluster
+            .kubectl_ok("admin", &["apply", "-f", "-"], Some(&secret))?;
         std::fs::write(&file, &token)?;
         Ok(file)
     }
@@ -264,12 +341,21 @@ impl Stack {
 
     /// Pid of a running agent.
     pub fn agent_pid(&self, ns: &str, device: &str) -> Option<u32> {
-        pid_alive(&self.pidfile(&Self::agent_name(ns, device)), "liveresponse-agent")
+        pid_alive(
+            &self.pidfile(&Self::agent_name(ns, device)),
+            "liveresponse-agent",
+        )
     }
 
     /// Starts an agent for this machine as `device` in `ns` (enrolling it on first start),
     /// reading host files under `host_root`. A no-op when it runs.
-    pub fn start_agent(&self, ns: &str, device: &str, host_root: &Path, extra: &[&str]) -> Result<()> {
+    pub fn start_agent(
+        &self,
+        ns: &str,
+        device: &str,
+        host_root: &Path,
+        extra: &[&str],
+    ) -> Result<()> {
         if self.agent_pid(ns, device).is_some() {
             return Ok(());
         }
@@ -291,7 +377,11 @@ impl Stack {
             host_root.to_string_lossy().into_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.spawn(&Self::agent_name(ns, device), &target_bin("liveresponse-agent"), &args)?;
+        self.spawn(
+            &Self::agent_name(ns, device),
+            &target_bin("liveresponse-agent"),
+            &args,
+        )?;
         Ok(())
     }
 
@@ -309,7 +399,15 @@ impl Stack {
         loop {
             let out = self.cluster.kubectl(
                 "admin",
-                &["-n", ns, "get", "lrdev", device, "-o", "jsonpath={.status.connected}"],
+                &[
+                    "-n",
+                    ns,
+                    "get",
+                    "lrdev",
+                    device,
+                    "-o",
+                    "jsonpath={.status.connected}",
+                ],
                 None,
             )?;
             let got = String::from_utf8_lossy(&out.stdout).trim() == "true";

@@ -1,58 +1,11 @@
 //! The API contract on the real control plane: CRDs, RBAC tiers, admission policies and
-//! schema validation, exercised as each user would with kubectl.
-
-use std::sync::Mutex;
+//! schema validation, exercised as each user would with kubectl. The API is installed by
+//! `e2e::stack::Stack::up` before the tests.
 
 use anyhow::{Result, bail, ensure};
 use e2e::Cluster;
 
 use crate::Env;
-
-/// Applies CRDs, roles and admission policies once for all tests of this binary, and waits
-/// until discovery serves them (kubectl resolves short names through discovery).
-pub fn install(c: &Cluster) -> Result<()> {
-    static DONE: Mutex<bool> = Mutex::new(false);
-    let mut done = DONE
-        .lock()
-        .map_err(|_| anyhow::anyhow!("install lock poisoned"))?;
-    if *done {
-        return Ok(());
-    }
-    let root = e2e::repo_root();
-    for dir in [
-        "crds",
-        "config/rbac/roles.yaml",
-        "config/admission/commands.yaml",
-        "config/admission/sessions.yaml",
-    ] {
-        let path = root.join(dir);
-        c.kubectl_ok("admin", &["apply", "-f", &path.to_string_lossy()], None)?;
-    }
-    c.kubectl_ok(
-        "admin",
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            &root.join("crds").to_string_lossy(),
-        ],
-        None,
-    )?;
-    for _ in 0..50 {
-        let out = c.kubectl(
-            "admin",
-            &["api-resources", "--api-group=liveresponse.io", "-o", "name"],
-            None,
-        )?;
-        if String::from_utf8_lossy(&out.stdout).lines().count() >= 5 {
-            *done = true;
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    bail!("the liveresponse.io resources never appeared in discovery")
-}
 
 /// A namespace with the example tenant bindings applied.
 pub async fn tenant(c: &Cluster, prefix: &str) -> Result<String> {
@@ -151,7 +104,6 @@ spec: {enabled: true}
 /// category lists, the policies type-check.
 pub async fn api_is_installed_and_documented(env: &'static Env) -> Result<()> {
     let c = &env.cluster;
-    install(c)?;
     let ns = tenant(c, "explain").await?;
     let explain = c.kubectl_ok("admin", &["explain", "lrc.spec.args"], None)?;
     ensure!(
@@ -220,7 +172,6 @@ pub async fn api_is_installed_and_documented(env: &'static Env) -> Result<()> {
 /// The basic tier: basic commands yes, advanced no, status never, spec frozen but cancel.
 pub async fn basic_analyst_tier(env: &'static Env) -> Result<()> {
     let c = &env.cluster;
-    install(c)?;
     let ns = tenant(c, "basic").await?;
     must_pass(
         "basic: processes",
@@ -378,7 +329,6 @@ pub async fn basic_analyst_tier(env: &'static Env) -> Result<()> {
 /// The advanced tier may run advanced commands.
 pub async fn advanced_analyst_tier(env: &'static Env) -> Result<()> {
     let c = &env.cluster;
-    install(c)?;
     let ns = tenant(c, "advanced").await?;
     must_pass(
         "advanced: getfile",
@@ -408,7 +358,6 @@ pub async fn advanced_analyst_tier(env: &'static Env) -> Result<()> {
 /// A user with no role can create nothing.
 pub async fn outsider_can_create_nothing(env: &'static Env) -> Result<()> {
     let c = &env.cluster;
-    install(c)?;
     let ns = tenant(c, "outsider").await?;
     for (what, yaml) in [
         ("session", session("s", "outsider")),
@@ -433,7 +382,6 @@ pub async fn outsider_can_create_nothing(env: &'static Env) -> Result<()> {
 /// Sessions are opened in one's own name and changed only by their requester.
 pub async fn sessions_belong_to_their_requester(env: &'static Env) -> Result<()> {
     let c = &env.cluster;
-    install(c)?;
     let ns = tenant(c, "requester").await?;
     must_fail(
         "basic: session for someone else",
@@ -529,7 +477,6 @@ pub async fn sessions_belong_to_their_requester(env: &'static Env) -> Result<()>
 /// Library files are for library admins, settings for settings admins.
 pub async fn library_and_settings_admins(env: &'static Env) -> Result<()> {
     let c = &env.cluster;
-    install(c)?;
     let ns = tenant(c, "admins").await?;
     must_fail(
         "basic: library file",
@@ -610,7 +557,6 @@ pub async fn library_and_settings_admins(env: &'static Env) -> Result<()> {
 /// Invalid objects are refused with messages a user understands.
 pub async fn invalid_objects_are_explained(env: &'static Env) -> Result<()> {
     let c = &env.cluster;
-    install(c)?;
     let ns = tenant(c, "invalid").await?;
     let two_sources = LIBRARY_FILE.replace(
         "source: {inline: \"#!/bin/sh\\necho hi\\n\"}",

@@ -1,18 +1,25 @@
 //! End-to-end tests against a real kube-apiserver + etcd + kube-controller-manager started by
-//! `e2e/cluster.sh`. The control plane comes up once before the tests and goes down after
-//! them. `LR_E2E_KEEP=1` leaves it running for a look afterwards.
+//! `e2e/cluster.sh`, with the real operator and agents as processes (`e2e::stack`). The
+//! control plane and operator come up once before the tests and go down after them.
+//! `LR_E2E_KEEP=1` leaves them running for a look afterwards.
+//!
+//! Tests run in two rounds: first those that share the operator peacefully, in parallel;
+//! then, one at a time, those that restart it.
 
 mod api;
 mod control_plane;
+mod live;
 
 use std::path::PathBuf;
 
 use e2e::Cluster;
+use e2e::stack::Stack;
 use libtest_mimic::{Arguments, Failed, Trial};
 
-/// What every test gets: the control plane and a runtime to drive async clients.
+/// What every test gets: the control plane, the running stack, and a runtime.
 pub struct Env {
     pub cluster: Cluster,
+    pub stack: Stack,
     pub rt: tokio::runtime::Runtime,
 }
 
@@ -28,31 +35,29 @@ macro_rules! trials {
     };
 }
 
+fn fail(what: &str, e: anyhow::Error) -> ! {
+    eprintln!("e2e: {what}: {e:#}");
+    std::process::exit(1);
+}
+
 fn main() {
     let args = Arguments::from_args();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let state = std::env::var_os("LR_E2E_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| e2e::repo_root().join("e2e/.state/test-cluster"));
-    let cluster = match Cluster::up(&state) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("e2e: cannot start the control plane: {e:#}");
-            std::process::exit(1);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let cluster = Cluster::up(&state).unwrap_or_else(|e| fail("cannot start the control plane", e));
+    let stack = Stack::up(cluster.clone()).unwrap_or_else(|e| {
+        let _ = cluster.down();
+        fail("cannot start the operator", e)
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("e2e: cannot start a tokio runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let env: &'static Env = Box::leak(Box::new(Env { cluster, rt }));
+        .unwrap_or_else(|e| fail("cannot start a tokio runtime", e.into()));
+    let env: &'static Env = Box::leak(Box::new(Env { cluster, stack, rt }));
 
-    let tests = trials![
+    let parallel = trials![
         env,
         control_plane::rbac_is_enforced,
         control_plane::service_account_tokens_are_reviewed,
@@ -67,9 +72,22 @@ fn main() {
         api::sessions_belong_to_their_requester,
         api::library_and_settings_admins,
         api::invalid_objects_are_explained,
+        live::basic_commands_match_ground_truth,
+        live::session_limits_and_lifecycle,
+        live::cancel_and_timeout,
+        live::agent_crash_and_return,
+        live::agent_identity_is_enforced,
+        live::metrics_match_activity,
+        live::processes_latency,
     ];
-    let conclusion = libtest_mimic::run(&args, tests);
+    let serial = trials![env, live::operator_restart_loses_nothing];
+    let first = libtest_mimic::run(&args, parallel);
+    let mut serial_args = args.clone();
+    serial_args.test_threads = Some(1);
+    let second = libtest_mimic::run(&serial_args, serial);
+
     if std::env::var_os("LR_E2E_KEEP").is_none() {
+        let _ = env.stack.down();
         if let Err(e) = env.cluster.down() {
             eprintln!("e2e: stopping the control plane failed: {e:#}");
         }
@@ -79,5 +97,8 @@ fn main() {
             env.cluster.state.display()
         );
     }
-    conclusion.exit();
+    let passed = first.num_passed + second.num_passed;
+    let failed = first.num_failed + second.num_failed;
+    println!("e2e: {passed} passed, {failed} failed");
+    std::process::exit(if failed > 0 { 101 } else { 0 });
 }

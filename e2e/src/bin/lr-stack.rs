@@ -29,7 +29,11 @@ fn device_name() -> String {
         .collect();
     name.truncate(63);
     let name = name.trim_matches('-').to_string();
-    if name.is_empty() { "this-machine".into() } else { name }
+    if name.is_empty() {
+        "this-machine".into()
+    } else {
+        name
+    }
 }
 
 fn up() -> anyhow::Result<()> {
@@ -39,8 +43,13 @@ fn up() -> anyhow::Result<()> {
     let device = device_name();
     stack.start_agent(NAMESPACE, &device, std::path::Path::new("/"), &[])?;
     stack.wait_device(NAMESPACE, &device, true, Duration::from_secs(60))?;
-    println!("live response is up: operator, and an agent for this machine enrolled as device {device}");
-    println!("export KUBECONFIG={}", stack.cluster.kubeconfig("admin").display());
+    println!(
+        "live response is up: operator, and an agent for this machine enrolled as device {device}"
+    );
+    println!(
+        "export KUBECONFIG={}",
+        stack.cluster.kubeconfig("admin").display()
+    );
     println!("namespace: {NAMESPACE}");
     println!("device: {device}");
     println!("logs and pid files: {}", stack.dir.display());
