@@ -95,9 +95,16 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         for c in spec.columns {
-            assert!(lines[0].contains(c.header), "header {} missing: {t}", c.header);
+            assert!(
+                lines[0].contains(c.header),
+                "header {} missing: {t}",
+                c.header
+            );
         }
-        assert!(lines[2].contains("4242") && lines[2].contains("sleep 30"), "{t}");
+        assert!(
+            lines[2].contains("4242") && lines[2].contains("sleep 30"),
+            "{t}"
+        );
         // Columns line up: the pid column's width is the same in every row.
         let name_at = lines[0].find("NAME").or_else(|| lines[0].find("Name"));
         if let Some(at) = name_at {

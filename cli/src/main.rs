@@ -1,10 +1,198 @@
-//! `kubectl-liveresponse`: the analyst's console. It arrives with the console issue; this
-//! binary is the seam.
+//! `kubectl-liveresponse`: the analyst's console, installed as a kubectl plugin so that
+//! `kubectl liveresponse ...` runs it.
+//!
+//! It talks only to the Kubernetes API server, with the analyst's own kubeconfig
+//! credentials, never to an agent or to the operator directly. Everything it does is an
+//! ordinary API call on the `liveresponse.io` resources: it lists Devices, creates a
+//! LiveResponseSession (stamped with the caller's name from a SelfSubjectReview) and
+//! Commands, watches their `status` until the operator reports a phase, and merge-patches
+//! `spec.state: Disconnected` / `spec.cancel: true`. So RBAC decides what the analyst may
+//! do, admission policies may refuse a command (their message is shown as is), and the
+//! API server's audit log plus the Command objects are the record of the session.
 
-fn main() {
-    eprintln!(
-        "kubectl-liveresponse {}: the console is not built yet (see the open issues)",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+mod client;
+mod connect;
+mod console;
+mod devices;
+mod disconnect;
+mod error;
+mod exec;
+mod log;
+mod render;
+mod run;
+mod session;
+mod sessions;
+mod wait;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::{Ctx, Target};
+use crate::error::{EXIT_FAILED, EXIT_OK, Result};
+use crate::render::{Colors, Format};
+
+/// Live response for Kubernetes: investigate and remediate a device from your terminal.
+///
+/// Sessions and commands are Kubernetes resources; this tool creates and watches them
+/// with your kubeconfig credentials.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-liveresponse",
+    bin_name = "kubectl liveresponse",
+    version
+)]
+struct Cli {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true, value_name = "NAME")]
+    context: Option<String>,
+    /// Namespace (tenant) of the devices and sessions (default: the context's namespace).
+    #[arg(short = 'n', long, global = true)]
+    namespace: Option<String>,
+    /// Never colour the output (also: NO_COLOR=1).
+    #[arg(long, global = true)]
+    no_color: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// List the enrolled devices: hostname, OS, connected, last seen, active session.
+    Devices {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// The sessions dashboard: requester, device, phase, start and duration.
+    Sessions {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// The command log of a session: id, command line, phase, duration.
+    Log {
+        /// Name of the session.
+        session: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// End a session.
+    Disconnect {
+        /// Name of the session.
+        session: String,
+    },
+    /// Open a session with a device and start the interactive console.
+    Connect(connect::ConnectArgs),
+    /// Run one command on a device and print its output; exits non-zero when it fails.
+    Exec(exec::ExecArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // kube's rustls may be built with more than one crypto provider in the workspace;
+    // say which one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start: {err}");
+            return ExitCode::from(EXIT_FAILED as u8);
+        }
+    };
+    let code = match runtime.block_on(run(&cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("{} {err}", Colors::stderr(cli.no_color).red("error:"));
+            err.exit_code()
+        }
+    };
+    // Background watches and a readline thread may still be parked; do not wait for them.
+    runtime.shutdown_background();
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+async fn run(cli: &Cli) -> Result<i32> {
+    let target = Target {
+        kubeconfig: cli.kubeconfig.clone(),
+        context: cli.context.clone(),
+        namespace: cli.namespace.clone(),
+    };
+    let colors = Colors::stdout(cli.no_color);
+    // exec parses its command line before it needs a client.
+    if let Cmd::Exec(args) = &cli.command {
+        return exec::run(&target, args, cli.no_color).await;
+    }
+    let ctx = Ctx::new(&target).await?;
+    match &cli.command {
+        Cmd::Devices { output } => devices::run(&ctx, *output, colors).await?,
+        Cmd::Sessions { output } => sessions::run(&ctx, *output, colors).await?,
+        Cmd::Log { session, output } => log::run(&ctx, session, *output, colors).await?,
+        Cmd::Disconnect { session } => disconnect::run(&ctx, session).await?,
+        Cmd::Connect(args) => return connect::run(&ctx, args, cli.no_color).await,
+        Cmd::Exec(_) => {}
+    }
+    Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exec_takes_everything_after_the_double_dash() {
+        let cli = match Cli::try_parse_from([
+            "kubectl-liveresponse",
+            "-n",
+            "team-a",
+            "exec",
+            "host-1",
+            "--keep-session",
+            "--",
+            "processes",
+            "-name",
+            "sshd",
+        ]) {
+            Ok(cli) => cli,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(cli.namespace.as_deref(), Some("team-a"));
+        match cli.command {
+            Cmd::Exec(args) => {
+                assert_eq!(args.device, "host-1");
+                assert!(args.keep_session);
+                assert_eq!(args.command, ["processes", "-name", "sshd"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn listings_take_output_json() {
+        match Cli::try_parse_from(["k", "log", "s-1", "-o", "json", "--no-color"]) {
+            Ok(Cli {
+                command: Cmd::Log { session, output },
+                no_color,
+                ..
+            }) => {
+                assert_eq!(session, "s-1");
+                assert_eq!(output, Format::Json);
+                assert!(no_color);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["k", "devices", "-o", "yaml"]).is_err());
+    }
 }

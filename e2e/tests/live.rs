@@ -339,6 +339,24 @@ pub async fn session_limits_and_lifecycle(env: &'static Env) -> Result<()> {
     })
     .await?;
 
+    // Deleting a session ends it and takes its commands with it (ownerReferences + GC).
+    lr::succeeded(&Cmd::new("b1", "status", &[]).run(&client, ns, "b1-cmd").await?)?;
+    let sessions: Api<LiveResponseSession> = Api::namespaced(client.clone(), ns);
+    // Deleting erases the command log, so analysts may not; a settings admin may.
+    ensure!(is_forbidden(&sessions.delete("b1", &Default::default()).await), "analysts must not delete sessions");
+    let admin: Api<LiveResponseSession> = Api::namespaced(env.cluster.client("settings-admin").await?, ns);
+    admin.delete("b1", &Default::default()).await?;
+    let commands: Api<Command> = Api::namespaced(client.clone(), ns);
+    eventually("b1's command to be garbage-collected", T, || async {
+        Ok(commands.get_opt("b1-cmd").await?.is_none().then_some(()))
+    })
+    .await?;
+    eventually("b1 to be gone", T, || async { Ok(sessions.get_opt("b1").await?.is_none().then_some(())) }).await?;
+    eventually("host-b to be free", T, || async {
+        Ok(dev.get("host-b").await?.status.and_then(|s| s.active_session).is_none().then_some(()))
+    })
+    .await?;
+
     // An idle session expires.
     lr::open_session(
         &client,
