@@ -38,6 +38,20 @@ pub struct CommandTarget {
     pub session: String,
     pub verb: String,
     pub device: DeviceKey,
+    /// Which `-auto` prerequisite this execution is, or `None` for the command itself.
+    pub step: Option<usize>,
+}
+
+/// The uid an `-auto` prerequisite of a command runs under on the agent.
+pub fn step_uid(uid: &str, step: usize) -> String {
+    format!("{uid}.step-{step}")
+}
+
+fn belongs(key: &str, uid: &str) -> bool {
+    key == uid
+        || key
+            .strip_prefix(uid)
+            .is_some_and(|rest| rest.starts_with(".step-"))
 }
 
 /// What the gateway saw that the operator must record.
@@ -126,9 +140,9 @@ impl Gateway {
         self.state().agents.contains_key(device)
     }
 
-    /// Whether the gateway is waiting for this command's result.
+    /// Whether the gateway is waiting for a result of this command (or of one of its steps).
     pub fn is_inflight(&self, uid: &str) -> bool {
-        self.state().inflight.contains_key(uid)
+        self.state().inflight.keys().any(|k| belongs(k, uid))
     }
 
     /// Sends a command to its device and waits for the result in the background.
@@ -159,30 +173,37 @@ impl Gateway {
         Ok(())
     }
 
-    /// Asks the agent to stop a command. Returns false when it is not in flight here.
+    /// Asks the agent to stop a command (and its running step). Returns false when nothing
+    /// of it is in flight here.
     pub async fn cancel(&self, uid: &str, reason: &str) -> bool {
-        let tx = {
+        let targets: Vec<(String, mpsc::Sender<Result<OperatorMessage, Status>>)> = {
             let st = self.state();
-            let Some(f) = st.inflight.get(uid) else {
-                return false;
+            st.inflight
+                .iter()
+                .filter(|(k, _)| belongs(k, uid))
+                .filter_map(|(k, f)| {
+                    st.agents
+                        .get(&f.target.device)
+                        .map(|c| (k.clone(), c.tx.clone()))
+                })
+                .collect()
+        };
+        let mut sent = false;
+        for (key, tx) in targets {
+            let msg = OperatorMessage {
+                msg: Some(operator_message::Msg::Cancel(Cancel {
+                    command_uid: key,
+                    reason: reason.to_string(),
+                })),
             };
-            match st.agents.get(&f.target.device) {
-                Some(c) => c.tx.clone(),
-                None => return false,
-            }
-        };
-        let msg = OperatorMessage {
-            msg: Some(operator_message::Msg::Cancel(Cancel {
-                command_uid: uid.to_string(),
-                reason: reason.to_string(),
-            })),
-        };
-        tx.send(Ok(msg)).await.is_ok()
+            sent |= tx.send(Ok(msg)).await.is_ok();
+        }
+        sent
     }
 
     /// Stops waiting for a command (it was finished by the operator, e.g. timed out).
     pub fn forget(&self, uid: &str) {
-        self.state().inflight.remove(uid);
+        self.state().inflight.retain(|k, _| !belongs(k, uid));
     }
 
     /// Closes a device's stream (its Device was deleted: the certificate is revoked).

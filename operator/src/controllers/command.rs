@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::context::{Context, now, parse_duration};
 use crate::error::Result;
-use crate::gateway::CommandTarget;
+use crate::gateway::{CommandTarget, step_uid};
 
 /// How long a Running command whose agent is not (yet) connected to this replica waits,
 /// after an operator restart, for the agent to come back before it is failed.
@@ -145,12 +145,8 @@ pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
                 return Ok(Action::await_change());
             }
             if ctx.gateway.is_connected(&device) {
-                let exec = execute_message(&c, &session, &settings);
-                if let Err(e) = ctx
-                    .gateway
-                    .execute(target(&c, &session, device), exec)
-                    .await
-                {
+                let (target, exec) = next_execution(&c, &session, &settings, device);
+                if let Err(e) = ctx.gateway.execute(target, exec).await {
                     tracing::info!(command = %c.name_any(), error = %e, "re-dispatch failed");
                 }
                 if c.spec.cancel {
@@ -309,11 +305,40 @@ fn deadline(c: &Command, settings: &SettingsSpec) -> Option<jiff::Timestamp> {
     start.checked_add(t).ok()
 }
 
-fn execute_message(c: &Command, session: &LiveResponseSession, settings: &SettingsSpec) -> Execute {
-    Execute {
-        command_uid: c.uid().unwrap_or_default(),
-        command: c.spec.command.clone(),
-        args: c.spec.args.clone(),
+/// What to send next: the next `-auto` prerequisite that has not run yet, or the command.
+/// Steps take the command's positional values (`getfile PATH -auto` runs `fileinfo PATH`).
+fn next_execution(
+    c: &Command,
+    session: &LiveResponseSession,
+    settings: &SettingsSpec,
+    device: (String, String),
+) -> (CommandTarget, Execute) {
+    let uid = c.uid().unwrap_or_default();
+    let done = c.status.as_ref().map_or(0, |s| s.steps.len());
+    let step = parse_command(&c.spec.command, &c.spec.args)
+        .ok()
+        .filter(|inv| inv.has_flag("auto"))
+        .and_then(|inv| {
+            let verb = inv.spec.prerequisites.get(done)?;
+            let args: Vec<String> = inv.positional.iter().map(|(_, v)| v.clone()).collect();
+            Some((verb.to_string(), args))
+        });
+    let (uid, verb, args, step_index) = match step {
+        Some((verb, args)) => (step_uid(&uid, done), verb, args, Some(done)),
+        None => (uid, c.spec.command.clone(), c.spec.args.clone(), None),
+    };
+    let target = CommandTarget {
+        namespace: c.namespace().unwrap_or_default(),
+        name: c.name_any(),
+        session: session.name_any(),
+        verb: verb.clone(),
+        device,
+        step: step_index,
+    };
+    let exec = Execute {
+        command_uid: uid,
+        command: verb,
+        args,
         working_directory: session
             .status
             .as_ref()
@@ -321,17 +346,8 @@ fn execute_message(c: &Command, session: &LiveResponseSession, settings: &Settin
             .unwrap_or_else(|| "/".into()),
         timeout_seconds: u32::try_from(timeout_of(c, settings).as_secs()).unwrap_or(u32::MAX),
         session: session.name_any(),
-    }
-}
-
-fn target(c: &Command, session: &LiveResponseSession, device: (String, String)) -> CommandTarget {
-    CommandTarget {
-        namespace: c.namespace().unwrap_or_default(),
-        name: c.name_any(),
-        session: session.name_any(),
-        verb: c.spec.command.clone(),
-        device,
-    }
+    };
+    (target, exec)
 }
 
 async fn dispatch(
@@ -341,8 +357,8 @@ async fn dispatch(
     settings: &SettingsSpec,
     device: (String, String),
 ) -> Result<Action> {
-    let exec = execute_message(c, session, settings);
-    if let Err(e) = ctx.gateway.execute(target(c, session, device), exec).await {
+    let (target, exec) = next_execution(c, session, settings, device);
+    if let Err(e) = ctx.gateway.execute(target, exec).await {
         tracing::info!(command = %c.name_any(), error = %e, "dispatch failed; will retry");
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
@@ -497,11 +513,78 @@ fn wake_session(ctx: &Context, c: &Command) {
     }
 }
 
-/// Records what the agent reported for a command.
+/// Records what the agent reported for an `-auto` prerequisite in `status.steps`; a failed
+/// step fails the command, a successful one lets the next execution start.
+async fn complete_step(
+    ctx: &Context,
+    c: &Command,
+    step: usize,
+    completed: Completed,
+) -> Result<()> {
+    let mut steps = c
+        .status
+        .as_ref()
+        .map(|s| s.steps.clone())
+        .unwrap_or_default();
+    if steps.len() != step {
+        // A replayed result of a step already recorded (a reconcile saw stale steps and sent
+        // it again): move on to what comes next.
+        let _ = ctx.wake.send(ObjectRef::from_obj(c));
+        return Ok(());
+    }
+    let inv = parse_command(&c.spec.command, &c.spec.args).ok();
+    let verb = inv
+        .as_ref()
+        .and_then(|i| i.spec.prerequisites.get(step).copied())
+        .unwrap_or("step");
+    let args: Vec<String> = inv
+        .as_ref()
+        .map(|i| i.positional.iter().map(|(_, v)| v.clone()).collect())
+        .unwrap_or_default();
+    let line = parse_command(verb, &args)
+        .map(|i| i.render())
+        .unwrap_or_else(|_| verb.to_string());
+    let ok = Outcome::try_from(completed.outcome) == Ok(Outcome::Succeeded);
+    steps.push(liveresponse_api::crd::CommandStep {
+        command_line: line.clone(),
+        phase: if ok {
+            CommandPhase::Succeeded
+        } else {
+            CommandPhase::Failed
+        },
+        exit_code: Some(completed.exit_code),
+        message: (!completed.error_message.is_empty()).then(|| completed.error_message.clone()),
+    });
+    let api: Api<Command> = Api::namespaced(ctx.client.clone(), &c.namespace().unwrap_or_default());
+    api.patch_status(
+        &c.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": { "steps": steps } })),
+    )
+    .await?;
+    if !ok {
+        let msg = format!("prerequisite `{line}` failed: {}", completed.error_message);
+        finish(
+            ctx,
+            c,
+            CommandPhase::Failed,
+            "PrerequisiteFailed",
+            &msg,
+            None,
+        )
+        .await?;
+    } else {
+        let _ = ctx.wake.send(ObjectRef::from_obj(c));
+    }
+    Ok(())
+}
+
+/// Records what the agent reported for a command (or for one of its `-auto` steps).
 pub async fn complete(
     ctx: &Context,
     ns: &str,
     name: &str,
+    step: Option<usize>,
     completed: Completed,
     output: Vec<u8>,
 ) -> Result<()> {
@@ -511,6 +594,9 @@ pub async fn complete(
     };
     if phase(&c).is_some_and(CommandPhase::is_final) {
         return Ok(());
+    }
+    if let Some(step) = step {
+        return complete_step(ctx, &c, step, completed).await;
     }
     let records: Vec<serde_json::Value> = if output.is_empty() {
         Vec::new()

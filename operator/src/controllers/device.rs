@@ -105,7 +105,17 @@ pub async fn run_events(ctx: Arc<Context>, mut events: mpsc::UnboundedReceiver<G
                 target,
                 completed,
                 output,
-            } => command::complete(&ctx, &target.namespace, &target.name, completed, output).await,
+            } => {
+                command::complete(
+                    &ctx,
+                    &target.namespace,
+                    &target.name,
+                    target.step,
+                    completed,
+                    output,
+                )
+                .await
+            }
         };
         if let Err(e) = res {
             ctx.metrics
