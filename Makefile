@@ -62,15 +62,7 @@ demo-up: cluster-bin build
 demo-down:
 	@if [ -x ./target/debug/lr-stack ]; then ./target/debug/lr-stack down; else $(CLUSTER) down; fi
 
-demo: cluster-up
-	@K=$$(cat e2e/.state/cluster/bin.path)/kubectl; \
-	export KUBECONFIG=$$PWD/e2e/.state/cluster/kubeconfig-admin; \
-	$$K apply -f crds/ >/dev/null && \
-	echo && echo "A real kube-apiserver, etcd and kube-controller-manager run on 127.0.0.1, with the live response CRDs:" && \
-	$$K wait --for=condition=Established --timeout=30s -f crds/ && \
-	echo && echo "Use it:" && \
-	echo "  export KUBECONFIG=$$KUBECONFIG" && \
-	echo "  $$K get liveresponse -A" && \
-	echo "  $$K explain lrc.spec" && \
-	echo "Other users (RBAC is real): e2e/.state/cluster/kubeconfig-{analyst-basic,analyst-advanced,library-admin,settings-admin,outsider}" && \
-	echo "Stop it with: make cluster-down"
+## The main job: the stack up, then a live response console to this machine (or, with
+## DEMO_SCRIPT=1 or no terminal, a scripted tour). Stops everything it started at the end.
+demo: cluster-bin build
+	@e2e/demo.sh

@@ -224,7 +224,7 @@ impl Console<'_> {
         );
     }
 
-    /// Reloads the session (its working directory changes with `cd`). `Some(status)`
+    /// Reloads the session (its working directory changes with `cd`). `Some(exit status)`
     /// when it ended behind the console's back (expired, disconnected elsewhere).
     async fn refresh(&mut self) -> Option<i32> {
         let api = self.ctx.sessions();
@@ -364,12 +364,11 @@ impl Console<'_> {
                     .as_ref()
                     .and_then(|s| s.id)
                     .map_or_else(|| name.to_owned(), |id| id.to_string());
-                match run::phase_of(&command) {
-                    Some(phase) if phase.is_final() => {
-                        println!("[{id}] {phase:?}");
-                        self.present(&command, None);
-                    }
-                    _ => println!("[{id}] started in the background"),
+                println!("[{id}] started in the background");
+                // A quick command may be done before its id reached us; say so, but leave
+                // the output to `fg` as for any background command.
+                if let Some(phase) = run::phase_of(&command).filter(|p| p.is_final()) {
+                    println!("[{id}] {phase:?} (fg {id} shows its output)");
                 }
             }
             Ok(None) => println!("[{name}] started in the background"),

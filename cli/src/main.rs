@@ -33,6 +33,14 @@ use crate::client::{Ctx, Target};
 use crate::error::{EXIT_FAILED, EXIT_OK, Result};
 use crate::render::{Colors, Format};
 
+const AFTER_HELP: &str = "\
+In the console (connect), type 'help' for the device commands. Ctrl+C cancels the running
+command on the device and keeps the console; Ctrl+D or 'exit' ends the session.
+
+Exit status: 0 success; 1 the command failed, was cancelled or timed out, the session was
+rejected, or the API server refused or could not be reached; 2 the command line is wrong
+(nothing was created); 130 you stopped waiting with Ctrl+C.";
+
 /// Live response for Kubernetes: investigate and remediate a device from your terminal.
 ///
 /// Sessions and commands are Kubernetes resources; this tool creates and watches them
@@ -41,7 +49,8 @@ use crate::render::{Colors, Format};
 #[command(
     name = "kubectl-liveresponse",
     bin_name = "kubectl liveresponse",
-    version
+    version,
+    after_help = AFTER_HELP
 )]
 struct Cli {
     /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
@@ -90,7 +99,20 @@ enum Cmd {
     Exec(exec::ExecArgs),
 }
 
+/// Rust ignores SIGPIPE, which turns `kubectl liveresponse log S -o json | head` into a
+/// panic at the next print; a command-line tool should just stop, as kubectl does.
+#[cfg(unix)]
+fn default_sigpipe() {
+    // SAFETY: runs first in main, before any other thread exists, and SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    default_sigpipe();
     let cli = Cli::parse();
     // kube's rustls may be built with more than one crypto provider in the workspace;
     // say which one.

@@ -135,7 +135,7 @@ pub fn table(headers: &[&str], rows: Vec<Vec<Cell>>, colors: Colors) -> String {
     } else {
         table.force_no_tty();
     }
-    table.set_header(headers.iter().map(|h| Cell::new(h)));
+    table.set_header(headers.iter().map(Cell::new));
     for row in rows {
         table.add_row(row);
     }
@@ -187,11 +187,7 @@ pub fn devices_table(devices: &[Device], now: Timestamp, colors: Colors) -> Stri
         .iter()
         .map(|d| {
             let status = d.status.clone().unwrap_or_default();
-            let os = match (status.os, status.os_version.as_deref()) {
-                (Some(os), Some(v)) if !v.is_empty() => format!("{} ({v})", os_name(os)),
-                (Some(os), _) => os_name(os).to_owned(),
-                (None, v) => or_dash(v),
-            };
+            let os = os_text(status.os, status.os_version.as_deref());
             let (connected, color) = if status.connected {
                 ("yes", Color::Green)
             } else {
@@ -219,6 +215,18 @@ pub fn devices_table(devices: &[Device], now: Timestamp, colors: Colors) -> Stri
         rows,
         colors,
     )
+}
+
+/// The OS column: the agent's own description when it names the family already
+/// (`Linux (Debian GNU/Linux 12)`), else the family with it (`linux (24.04)`).
+pub fn os_text(os: Option<liveresponse_api::crd::OsFamily>, version: Option<&str>) -> String {
+    let version = version.map(str::trim).filter(|v| !v.is_empty());
+    match (os.map(os_name), version) {
+        (Some(family), Some(v)) if v.to_lowercase().contains(family) => v.to_owned(),
+        (Some(family), Some(v)) => format!("{family} ({v})"),
+        (Some(family), None) => family.to_owned(),
+        (None, v) => or_dash(v),
+    }
 }
 
 fn os_name(os: liveresponse_api::crd::OsFamily) -> &'static str {
@@ -477,7 +485,7 @@ mod tests {
                 Some(DeviceStatus {
                     hostname: Some("host-1.corp".into()),
                     os: Some(OsFamily::Linux),
-                    os_version: Some("Ubuntu 24.04".into()),
+                    os_version: Some("24.04".into()),
                     connected: true,
                     last_seen: Some(time("2026-05-01T11:59:55Z")),
                     active_session: Some("host-1-abcde".into()),
@@ -508,7 +516,7 @@ mod tests {
         assert!(lines[1].starts_with("host-1 "), "{out}");
         for want in [
             "host-1.corp",
-            "linux (Ubuntu 24.04)",
+            "linux (24.04)",
             "yes",
             "5s ago",
             "host-1-abcde",
@@ -522,6 +530,21 @@ mod tests {
             out.lines().all(|l| l == l.trim_end()),
             "trailing spaces: {out:?}"
         );
+    }
+
+    #[test]
+    fn os_column_does_not_repeat_the_family() {
+        assert_eq!(
+            os_text(Some(OsFamily::Linux), Some("Linux (Debian GNU/Linux 12)")),
+            "Linux (Debian GNU/Linux 12)"
+        );
+        assert_eq!(
+            os_text(Some(OsFamily::Windows), Some("Windows Server 2022 (20348)")),
+            "Windows Server 2022 (20348)"
+        );
+        assert_eq!(os_text(Some(OsFamily::Macos), Some("14.5")), "macos (14.5)");
+        assert_eq!(os_text(Some(OsFamily::Linux), Some(" ")), "linux");
+        assert_eq!(os_text(None, None), "-");
     }
 
     #[test]

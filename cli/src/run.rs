@@ -7,7 +7,7 @@ use std::path::Path;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PostParams;
 use liveresponse_api::command::{Invocation, OutputFormat as LineOutput};
-use liveresponse_api::crd::{Command, CommandPhase, CommandSpec, CommandStatus, OutputFormat};
+use liveresponse_api::crd::{Command, CommandPhase, CommandSpec, OutputFormat};
 
 use crate::client::{Ctx, merge_patch, retry};
 use crate::error::{Error, Result};
@@ -161,10 +161,7 @@ pub struct Report {
 }
 
 pub fn report(command: &Command) -> Report {
-    let status = command
-        .status
-        .clone()
-        .unwrap_or_else(CommandStatus::default);
+    let status = command.status.clone().unwrap_or_default();
     let mut report = Report {
         succeeded: status.phase == Some(CommandPhase::Succeeded),
         ..Report::default()
@@ -255,7 +252,7 @@ pub fn label(command: &Command) -> String {
 mod tests {
     use super::*;
     use liveresponse_api::command::{parse_command, parse_line};
-    use liveresponse_api::crd::{CommandError, CommandOutput};
+    use liveresponse_api::crd::{CommandError, CommandOutput, CommandStatus};
 
     fn line(text: &str) -> liveresponse_api::command::ConsoleLine {
         match parse_line(text) {

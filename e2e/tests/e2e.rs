@@ -7,6 +7,7 @@
 //! then, one at a time, those that restart it.
 
 mod api;
+mod console;
 mod control_plane;
 mod live;
 
@@ -79,6 +80,8 @@ fn main() {
         live::agent_identity_is_enforced,
         live::metrics_match_activity,
         live::processes_latency,
+        console::interactive_console,
+        console::exec_for_scripts,
     ];
     let serial = trials![env, live::operator_restart_loses_nothing];
     let first = libtest_mimic::run(&args, parallel);

@@ -1,0 +1,402 @@
+//! The analyst's console, driven in a real terminal (tmux), and `kubectl liveresponse exec`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command as Proc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use e2e::lr;
+use e2e::stack::target_bin;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use liveresponse_api::crd::{Command, CommandPhase, LiveResponseSession, SessionPhase};
+
+use crate::Env;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A tmux server of our own, so the test never touches the user's.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new(tag: &str) -> Self {
+        Self {
+            socket: format!("lr-e2e-{tag}-{}", std::process::id()),
+        }
+    }
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = Proc::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tmux {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-J", "-S", "-200", "-t", "lr"])
+            .unwrap_or_default()
+    }
+    fn keys(&self, keys: &[&str]) -> Result<()> {
+        let mut args = vec!["send-keys", "-t", "lr"];
+        args.extend_from_slice(keys);
+        self.run(&args).map(|_| ())
+    }
+    fn line(&self, text: &str) -> Result<()> {
+        self.keys(&["-l", text])?;
+        self.keys(&["Enter"])
+    }
+    /// Waits until the screen shows `needle` (after `from` lines already seen).
+    async fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if s.contains(needle) {
+                return Ok(s);
+            }
+            if start.elapsed() > timeout {
+                bail!("the console never showed {needle:?}; screen:\n{s}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    fn alive(&self) -> bool {
+        self.run(&["has-session", "-t", "lr"]).is_ok()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Proc::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+fn path_with_plugins(env: &Env) -> String {
+    let cli_dir = target_bin("kubectl-liveresponse")
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    format!(
+        "{}:{}:{}",
+        cli_dir.display(),
+        env.cluster.bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+async fn newest_command(client: &kube::Client, ns: &str) -> Result<Option<Command>> {
+    let api: Api<Command> = Api::namespaced(client.clone(), ns);
+    let mut all = api.list(&ListParams::default()).await?.items;
+    all.sort_by_key(|c| c.creation_timestamp().map(|t| t.0));
+    Ok(all.pop())
+}
+
+/// Everything an analyst does at the console, in a real terminal.
+pub async fn interactive_console(env: &'static Env) -> Result<()> {
+    let ns = "lr-console";
+    let device = "console-host";
+    env.stack.tenant(ns, "")?;
+    env.stack.start_agent(ns, device, Path::new("/"), &[])?;
+    env.stack.wait_device(ns, device, true, T)?;
+    let client = env.cluster.client("analyst-advanced").await?;
+    let work: PathBuf = e2e::repo_root().join(format!("e2e/.state/console-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+
+    let tmux = Tmux::new("console");
+    let cmdline = format!(
+        "env KUBECONFIG={} PATH={} NO_COLOR=1 kubectl liveresponse -n {ns} connect {device} --reason console-test",
+        env.cluster.kubeconfig("analyst-advanced").display(),
+        path_with_plugins(env)
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "lr",
+        "-x",
+        "220",
+        "-y",
+        "60",
+        "-c",
+        &work.to_string_lossy(),
+        &cmdline,
+    ])?;
+    // Keep the pane after exit so a failure shows what the console printed.
+    let _ = tmux.run(&["set-option", "-t", "lr", "remain-on-exit", "on"]);
+    tmux.wait_for(&format!("[{device} "), T).await?;
+    let sessions: Api<LiveResponseSession> = Api::namespaced(client.clone(), ns);
+    let session = sessions
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|s| {
+            s.spec.device == device
+                && s.status.as_ref().and_then(|x| x.phase) == Some(SessionPhase::Connected)
+        })
+        .context("no Connected session for the console")?;
+    let session_name = session.name_any();
+    ensure!(
+        session.spec.requested_by == "analyst-advanced",
+        "requestedBy {}",
+        session.spec.requested_by
+    );
+
+    // A process the test started shows up.
+    let mut child = Proc::new("sleep").arg("777.25").spawn()?;
+    tmux.line("processes -name sleep")?;
+    let screen = tmux.wait_for("777.25", T).await?;
+    ensure!(
+        screen.contains(&child.id().to_string()),
+        "pid {} not shown:\n{screen}",
+        child.id()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A parse error shows the usage and creates nothing.
+    let before = Api::<Command>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .len();
+    tmux.line("processes -bogus 1")?;
+    tmux.wait_for("usage: processes", T).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = Api::<Command>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .len();
+    ensure!(
+        before == after,
+        "a parse error created a Command ({before} -> {after})"
+    );
+
+    // Ctrl+C cancels the running command for real and the prompt returns.
+    tmux.line("findfile zz-no-such-file-anywhere -root /")?;
+    let running = lr_wait_newest(&client, ns, "findfile", |p| p == CommandPhase::Running).await?;
+    tmux.keys(&["C-c"])?;
+    let c = lr::wait_final(&client, ns, &running, T).await?;
+    ensure!(
+        lr::phase(&c) == Some(CommandPhase::Cancelled),
+        "findfile after Ctrl+C ended {:?}",
+        lr::phase(&c)
+    );
+    ensure!(tmux.alive(), "the console died on Ctrl+C");
+    let prompt_back = async {
+        loop {
+            let s = tmux.screen();
+            let last = s
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .to_string();
+            if last.starts_with(&format!("[{device} ")) && last.trim_end().ends_with('>') {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(T, prompt_back)
+        .await
+        .with_context(|| format!("no prompt after Ctrl+C:\n{}", tmux.screen()))?;
+
+    // A background command, jobs, fg.
+    tmux.line("findfile hostname -root /etc &")?;
+    let screen = tmux.wait_for("started in the background", T).await?;
+    let id = screen
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix('[')?.split(']').next()?.parse::<i64>().ok())
+        .with_context(|| format!("no job id shown:\n{screen}"))?;
+    tmux.line("jobs")?;
+    tmux.wait_for("findfile hostname -root /etc", T).await?;
+    tmux.line(&format!("fg {id}"))?;
+    tmux.wait_for("/etc/hostname", T).await?;
+
+    // Output to a local file.
+    tmux.line("processes > out.txt")?;
+    tmux.wait_for("to out.txt", T).await?;
+    let text = std::fs::read_to_string(work.join("out.txt")).context("out.txt was not written")?;
+    ensure!(
+        text.contains("PID") && text.lines().count() > 2,
+        "out.txt: {text}"
+    );
+
+    // help comes from the registry.
+    tmux.line("help findfile")?;
+    tmux.wait_for("usage: findfile", T).await?;
+
+    // disconnect ends the session.
+    tmux.line("disconnect")?;
+    lr::wait_session(&client, ns, &session_name, SessionPhase::Disconnected, T).await?;
+
+    // The command log lists every command with id, line, duration and status.
+    let out = Proc::new(target_bin("kubectl-liveresponse"))
+        .args(["-n", ns, "--no-color", "log", &session_name])
+        .env("KUBECONFIG", env.cluster.kubeconfig("analyst-advanced"))
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "log failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let commands = Api::<Command>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let mine: Vec<&Command> = commands
+        .iter()
+        .filter(|c| c.spec.session == session_name)
+        .collect();
+    ensure!(
+        mine.len() >= 5,
+        "expected the console's commands, found {}",
+        mine.len()
+    );
+    for c in mine {
+        let st = c.status.as_ref().context("no status")?;
+        let line = st.command_line.as_deref().unwrap_or_default();
+        let row = log
+            .lines()
+            .find(|l| {
+                l.contains(line)
+                    && l.split_whitespace().next() == st.id.map(|i| i.to_string()).as_deref()
+            })
+            .with_context(|| {
+                format!(
+                    "command {} ({line}) missing from the log:\n{log}",
+                    st.id.unwrap_or_default()
+                )
+            })?;
+        let phase = format!("{:?}", st.phase.context("no phase")?);
+        ensure!(
+            row.contains(&phase),
+            "log row lacks the phase {phase}: {row}"
+        );
+        if let Some(d) = &st.duration {
+            ensure!(
+                row.contains(d.trim_end_matches('s')) || row.contains(d),
+                "log row lacks the duration {d}: {row}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    env.stack.kill_agent(ns, device);
+    Ok(())
+}
+
+async fn lr_wait_newest(
+    client: &kube::Client,
+    ns: &str,
+    verb: &str,
+    pred: impl Fn(CommandPhase) -> bool,
+) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        if let Some(c) = newest_command(client, ns).await?
+            && c.spec.command == verb
+            && lr::phase(&c).is_some_and(&pred)
+        {
+            return Ok(c.name_any());
+        }
+        if start.elapsed() > T {
+            bail!("no {verb} command reached the expected phase");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn exec(env: &Env, user: &str, ns: &str, words: &[&str]) -> Result<std::process::Output> {
+    Ok(Proc::new(target_bin("kubectl-liveresponse"))
+        .args(["-n", ns, "--no-color", "exec"])
+        .args(words)
+        .env("KUBECONFIG", env.cluster.kubeconfig(user))
+        .env("PATH", path_with_plugins(env))
+        .output()?)
+}
+
+/// `exec` for scripts: exit 0 and the output, or non-zero and the reason.
+pub async fn exec_for_scripts(env: &'static Env) -> Result<()> {
+    let ns = "lr-exec";
+    let device = "exec-host";
+    env.stack.tenant(ns, "")?;
+    env.stack.start_agent(ns, device, Path::new("/"), &[])?;
+    env.stack.wait_device(ns, device, true, T)?;
+
+    let out = exec(
+        env,
+        "analyst-basic",
+        ns,
+        &[device, "--", "processes", "-pid", "1"],
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "exec processes failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.contains("PID")
+            && stdout
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some("1")),
+        "output: {stdout}"
+    );
+
+    let out = exec(env, "analyst-basic", ns, &[device, "--", "registry"])?;
+    ensure!(!out.status.success(), "a failed command must exit non-zero");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("not supported on linux"), "stderr: {err}");
+
+    let out = exec(
+        env,
+        "analyst-basic",
+        ns,
+        &[device, "--", "getfile", "/etc/hostname"],
+    )?;
+    ensure!(
+        !out.status.success(),
+        "getfile as analyst-basic must be refused"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("getfile") && err.contains("liveresponse-advanced"),
+        "stderr: {err}"
+    );
+
+    // Each exec disconnected the session it opened.
+    let client = env.cluster.client("admin").await?;
+    let open: Vec<LiveResponseSession> = Api::<LiveResponseSession>::namespaced(client, ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| {
+            !s.status
+                .as_ref()
+                .and_then(|x| x.phase)
+                .is_some_and(|p| p.is_final())
+        })
+        .collect();
+    ensure!(
+        open.is_empty(),
+        "exec left sessions open: {:?}",
+        open.iter().map(|s| s.name_any()).collect::<Vec<_>>()
+    );
+    env.stack.kill_agent(ns, device);
+    Ok(())
+}
