@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := e2e/cluster.sh
 
-.PHONY: all build crds check-crds fmt lint unit e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs
+.PHONY: demo-check all build crds check-crds fmt lint unit e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs
 
 all: build
 
@@ -39,7 +39,14 @@ unit:
 e2e: cluster-bin build
 	$(CARGO) test -p liveresponse-e2e
 
-test: prereqs lint check-crds unit e2e
+## `make demo`'s scripted tour on its own control plane, then proof that it left no process.
+demo-check: cluster-bin build
+	@state=$$PWD/e2e/.state/demo-check; \
+	DEMO_SCRIPT=1 LR_STATE_DIR=$$state e2e/demo.sh </dev/null && \
+	if pgrep -af "$$state"; then echo "demo-check: make demo left the processes above running"; exit 1; fi && \
+	echo "demo-check: the scripted demo passed and left no process running"
+
+test: prereqs lint check-crds unit e2e demo-check
 
 cluster-bin: prereqs
 	@$(CLUSTER) bin >/dev/null
