@@ -232,6 +232,35 @@ impl Stack {
         )
     }
 
+    /// Starts a second operator replica (own ports, instance `operator-1`); it must wait for
+    /// the Lease while the first one leads. Returns its log file.
+    pub fn start_standby_operator(&self) -> Result<PathBuf> {
+        let args = vec![
+            "--namespace".into(),
+            OPERATOR_NAMESPACE.into(),
+            "--gateway-addr".into(),
+            format!("127.0.0.1:{}", free_port()?),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", free_port()?),
+            "--instance".into(),
+            "operator-1".into(),
+        ];
+        self.spawn(
+            "operator-standby",
+            &target_bin("liveresponse-operator"),
+            &args,
+        )?;
+        Ok(self.log("operator-standby"))
+    }
+
+    /// Stops the standby replica.
+    pub fn stop_standby_operator(&self) {
+        if let Some(pid) = pid_alive(&self.pidfile("operator-standby"), "liveresponse-operator") {
+            kill(pid, "-KILL");
+            self.wait_gone(pid);
+        }
+    }
+
     /// Kills the operator (SIGKILL: a crash, not a clean stop).
     pub fn kill_operator(&self) {
         if let Some(pid) = self.operator_pid() {

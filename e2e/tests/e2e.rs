@@ -83,7 +83,11 @@ fn main() {
         console::interactive_console,
         console::exec_for_scripts,
     ];
-    let serial = trials![env, live::operator_restart_loses_nothing];
+    let serial = trials![
+        env,
+        live::second_replica_waits_for_the_lease,
+        live::operator_restart_loses_nothing
+    ];
     let first = libtest_mimic::run(&args, parallel);
     let mut serial_args = args.clone();
     serial_args.test_threads = Some(1);
