@@ -97,15 +97,15 @@ impl Stack {
     pub fn install_api(&self) -> Result<()> {
         let root = crate::repo_root();
         let c = &self.cluster;
-        for p in [
-            "crds",
-            "config/rbac/roles.yaml",
-            "config/admission/commands.yaml",
-            "config/admission/sessions.yaml",
+        // The kustomize bases, as a platform engineer applies them.
+        for (flag, p) in [
+            ("-f", "crds"),
+            ("-k", "config/rbac"),
+            ("-k", "config/admission"),
         ] {
             c.kubectl_ok(
                 "admin",
-                &["apply", "-f", &root.join(p).to_string_lossy()],
+                &["apply", flag, &root.join(p).to_string_lossy()],
                 None,
             )?;
         }
@@ -120,18 +120,23 @@ impl Stack {
             ],
             None,
         )?;
-        for _ in 0..50 {
+        // Ready means a Command passes admission: discovery serves the kinds, and the
+        // mutating policy can type its objects (it resolves CRD schemas a little later).
+        let probe = "apiVersion: liveresponse.io/v1alpha1\nkind: Command\nmetadata: {name: probe, namespace: default}\nspec: {session: probe, command: processes}\n";
+        let mut last = String::new();
+        for _ in 0..150 {
             let out = c.kubectl(
                 "admin",
-                &["api-resources", "--api-group=liveresponse.io", "-o", "name"],
-                None,
+                &["create", "--dry-run=server", "-f", "-"],
+                Some(probe),
             )?;
-            if String::from_utf8_lossy(&out.stdout).lines().count() >= 5 {
+            if out.status.success() {
                 return Ok(());
             }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
             std::thread::sleep(Duration::from_millis(200));
         }
-        bail!("the liveresponse.io resources never appeared in discovery")
+        bail!("the live response API never became ready: {last}")
     }
 
     fn pidfile(&self, name: &str) -> PathBuf {

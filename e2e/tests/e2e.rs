@@ -80,6 +80,7 @@ fn main() {
         live::agent_identity_is_enforced,
         live::metrics_match_activity,
         live::processes_latency,
+        live::commands_belong_to_the_session_requester,
         console::interactive_console,
         console::exec_for_scripts,
     ];

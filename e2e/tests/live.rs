@@ -946,3 +946,70 @@ pub async fn second_replica_waits_for_the_lease(env: &'static Env) -> Result<()>
     );
     Ok(())
 }
+
+/// Only a session's requester types in it: admission stamps each Command with its creator,
+/// and the operator refuses commands from anyone else; nobody else may cancel them either.
+pub async fn commands_belong_to_the_session_requester(env: &'static Env) -> Result<()> {
+    use kube::ResourceExt;
+    let ns = "lr-owner";
+    let root = host_root("owner")?;
+    let owner = setup(env, ns, "owned", &root, "").await?;
+    session(&owner, ns, "s", "owned").await?;
+    let intruder = env.cluster.client("analyst-basic").await?;
+
+    // A forged annotation is overwritten with the real creator.
+    let yaml = format!(
+        "apiVersion: liveresponse.io/v1alpha1\nkind: Command\nmetadata:\n  name: sneaky\n  namespace: {ns}\n  annotations: {{liveresponse.io/requested-by: analyst-advanced}}\nspec: {{session: s, command: processes}}\n"
+    );
+    env.cluster
+        .kubectl_ok("analyst-basic", &["create", "-f", "-"], Some(&yaml))?;
+    let c = lr::wait_final(&intruder, ns, "sneaky", T).await?;
+    let stamped = c.annotations().get("liveresponse.io/requested-by").cloned();
+    ensure!(
+        stamped.as_deref() == Some("analyst-basic"),
+        "annotation {stamped:?}"
+    );
+    let err = c
+        .status
+        .as_ref()
+        .and_then(|s| s.error.clone())
+        .context("no error")?;
+    ensure!(
+        lr::phase(&c) == Some(CommandPhase::Failed)
+            && err.reason == "NotSessionOwner"
+            && err.message.contains("belongs to analyst-advanced"),
+        "{:?} {err:?}",
+        lr::phase(&c)
+    );
+
+    // The owner's command cannot be cancelled, or re-attributed, by someone else.
+    let c = Cmd::new("s", "processes", &[])
+        .run(&owner, ns, "mine")
+        .await?;
+    lr::succeeded(&c)?;
+    let api: Api<Command> = Api::namespaced(intruder.clone(), ns);
+    let r = api
+        .patch(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"cancel": true}})),
+        )
+        .await;
+    ensure!(
+        matches!(&r, Err(kube::Error::Api(s)) if s.message.contains("belongs to analyst-advanced")),
+        "someone else's cancel must be refused: {r:?}"
+    );
+    let r = Api::<Command>::namespaced(owner.clone(), ns)
+        .patch(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"liveresponse.io/requested-by": "someone"}}})),
+        )
+        .await;
+    ensure!(
+        matches!(&r, Err(kube::Error::Api(s)) if s.message.contains("cannot change")),
+        "the annotation must be immutable: {r:?}"
+    );
+    env.stack.kill_agent(ns, "owned");
+    Ok(())
+}

@@ -3,6 +3,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{Condition, Time};
 
+/// Annotation admission stamps on every new Command with the user who created it
+/// (config/admission/command-requester.yaml); users can neither set nor change it.
+pub const REQUESTED_BY_ANNOTATION: &str = "liveresponse.io/requested-by";
+
 /// One command typed in a live response session, as the console (or GitOps, or a playbook)
 /// creates it. Its status is the command log entry: phase, timing, exit code and output.
 /// Only `spec.cancel` may change after creation, and only from false to true.

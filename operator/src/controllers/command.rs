@@ -11,8 +11,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use liveresponse_api::command::{OutputFormat as ParsedFormat, parse_command};
 use liveresponse_api::crd::{
-    Command, CommandPhase, LiveResponseSession, LiveResponseSettings, OutputFormat, SessionPhase,
-    SettingsSpec,
+    Command, CommandPhase, LiveResponseSession, LiveResponseSettings, OutputFormat,
+    REQUESTED_BY_ANNOTATION, SessionPhase, SettingsSpec,
 };
 use liveresponse_api::proto::{Completed, Execute, Outcome};
 use serde_json::json;
@@ -191,6 +191,27 @@ async fn queue(c: &Command, session: &LiveResponseSession, ctx: &Context) -> Res
             return Ok(Action::await_change());
         }
     };
+    // Only the session's requester may type in it; admission says who created the command.
+    let requester = c.annotations().get(REQUESTED_BY_ANNOTATION).cloned();
+    match requester {
+        None => {
+            let msg = format!(
+                "the command carries no {REQUESTED_BY_ANNOTATION} annotation: install the admission policies in config/admission (MutatingAdmissionPolicy liveresponse-command-requester)"
+            );
+            finish(ctx, c, CommandPhase::Failed, "Unattributed", &msg, None).await?;
+            return Ok(Action::await_change());
+        }
+        Some(user) if user != session.spec.requested_by => {
+            let msg = format!(
+                "session {} belongs to {}; {user} cannot run commands in it: open your own session",
+                session.name_any(),
+                session.spec.requested_by
+            );
+            finish(ctx, c, CommandPhase::Failed, "NotSessionOwner", &msg, None).await?;
+            return Ok(Action::await_change());
+        }
+        Some(_) => {}
+    }
     let mut line = inv.render();
     if c.spec.background {
         line.push_str(" &");
