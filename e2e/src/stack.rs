@@ -18,6 +18,8 @@ pub struct Stack {
     pub cluster: Cluster,
     /// Pid files, logs, agent state, bootstrap tokens.
     pub dir: PathBuf,
+    /// Processes this `Stack` value started, to learn how one exited.
+    pub children: std::sync::Mutex<Vec<(String, std::process::Child)>>,
 }
 
 /// Where cargo put the binaries (`make build` / `cargo build --bins`).
@@ -60,7 +62,11 @@ impl Stack {
     pub fn up(cluster: Cluster) -> Result<Self> {
         let dir = cluster.state.join("stack");
         std::fs::create_dir_all(&dir)?;
-        let stack = Self { cluster, dir };
+        let stack = Self {
+            cluster,
+            dir,
+            children: Default::default(),
+        };
         for bin in ["liveresponse-operator", "liveresponse-agent"] {
             if !target_bin(bin).exists() {
                 bail!(
@@ -165,7 +171,25 @@ impl Stack {
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
         std::fs::write(self.pidfile(name), child.id().to_string())?;
-        Ok(child.id())
+        let pid = child.id();
+        if let Ok(mut c) = self.children.lock() {
+            c.push((name.to_string(), child));
+        }
+        Ok(pid)
+    }
+
+    /// How a process started by this `Stack` ended, if it did.
+    fn exit_status(&self, name: &str) -> String {
+        let Ok(mut children) = self.children.lock() else {
+            return String::new();
+        };
+        children
+            .iter_mut()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, c)| c.try_wait().ok().flatten())
+            .map(|st| format!(" ({st})"))
+            .unwrap_or_default()
     }
 
     /// The gateway URL agents connect to.
@@ -224,17 +248,24 @@ impl Stack {
             "2".into(),
         ];
         let _ = std::fs::remove_file(self.ca_file());
-        self.spawn("operator", &target_bin("liveresponse-operator"), &args)?;
-        // The lease of a killed predecessor must expire first (15 s at most).
-        self.wait(
-            "the operator's gateway",
-            Duration::from_secs(60),
-            "operator",
-            || {
-                Ok(self.ca_file().exists()
-                    && std::net::TcpStream::connect(("127.0.0.1", gw)).is_ok())
-            },
-        )
+        let start = || -> Result<()> {
+            self.spawn("operator", &target_bin("liveresponse-operator"), &args)?;
+            // The lease of a killed predecessor must expire first (15 s at most).
+            self.wait(
+                "the operator's gateway",
+                Duration::from_secs(60),
+                "operator",
+                || {
+                    Ok(self.ca_file().exists()
+                        && std::net::TcpStream::connect(("127.0.0.1", gw)).is_ok())
+                },
+            )
+        };
+        // One retry, loudly: a start-up that fails twice is a real failure.
+        start().or_else(|e| {
+            eprintln!("stack: the operator did not start ({e:#}); trying once more");
+            start()
+        })
     }
 
     /// Starts a second operator replica (own ports, instance `operator-1`); it must wait for
@@ -305,7 +336,8 @@ impl Stack {
             };
             if pid_alive(&self.pidfile(proc_name), exe).is_none() {
                 bail!(
-                    "{proc_name} exited while waiting for {what}; its log:\n{}",
+                    "{proc_name} exited{} while waiting for {what}; its log:\n{}",
+                    self.exit_status(proc_name),
                     self.tail(proc_name)
                 );
             }

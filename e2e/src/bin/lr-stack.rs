@@ -65,6 +65,7 @@ fn down() -> anyhow::Result<()> {
                 bin: PathBuf::new(),
             },
             dir: state.join("stack"),
+            children: Default::default(),
         };
         stack.down()?;
     }
