@@ -547,6 +547,8 @@ impl AgentGateway for GatewayService {
         });
         tokio::spawn(async move {
             let idle = gw.heartbeat * 3;
+            // An agent that sends heartbeats in a tight loop must not flood the event queue.
+            let mut last_seen: Option<std::time::Instant> = None;
             let reason = loop {
                 match tokio::time::timeout(idle, inbound.message()).await {
                     Err(_) => break format!("no heartbeat for {}s", idle.as_secs()),
@@ -554,9 +556,12 @@ impl AgentGateway for GatewayService {
                     Ok(Ok(None)) => break "stream closed".to_string(),
                     Ok(Ok(Some(m))) => match m.msg {
                         Some(agent_message::Msg::Heartbeat(_)) => {
-                            let _ = gw.events.send(GatewayEvent::Seen {
-                                device: device.clone(),
-                            });
+                            if last_seen.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                                last_seen = Some(std::time::Instant::now());
+                                let _ = gw.events.send(GatewayEvent::Seen {
+                                    device: device.clone(),
+                                });
+                            }
                         }
                         Some(agent_message::Msg::Event(ev)) => {
                             if let Err(s) = gw.on_event(&device, ev) {
