@@ -94,11 +94,16 @@ fn path_with_plugins(env: &Env) -> String {
     )
 }
 
-async fn newest_command(client: &kube::Client, ns: &str) -> Result<Option<Command>> {
+/// The names of the Commands in a namespace.
+async fn command_names(client: &kube::Client, ns: &str) -> Result<Vec<String>> {
     let api: Api<Command> = Api::namespaced(client.clone(), ns);
-    let mut all = api.list(&ListParams::default()).await?.items;
-    all.sort_by_key(|c| c.creation_timestamp().map(|t| t.0));
-    Ok(all.pop())
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect())
 }
 
 /// Everything an analyst does at the console, in a real terminal.
@@ -184,10 +189,11 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
     );
 
     // Ctrl+C cancels the running command for real and the prompt returns.
+    let seen = command_names(&client, ns).await?;
     tmux.line("findfile zz-no-such-file-anywhere -root /")?;
     // Press Ctrl+C as soon as the Command exists: walking every file of this machine takes
     // seconds, the cancel arrives within a few hundred milliseconds.
-    let running = lr_wait_newest(&client, ns, "findfile", |_| true).await?;
+    let running = wait_new_command(&client, ns, "findfile", &seen).await?;
     tmux.keys(&["C-c"])?;
     let c = lr::wait_final(&client, ns, &running, T).await?;
     ensure!(
@@ -303,24 +309,30 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
     Ok(())
 }
 
-async fn lr_wait_newest(
+/// Waits for a Command of `verb` that is not among `seen` (creation times have one-second
+/// granularity, so "the newest" cannot be told by them).
+async fn wait_new_command(
     client: &kube::Client,
     ns: &str,
     verb: &str,
-    pred: impl Fn(CommandPhase) -> bool,
+    seen: &[String],
 ) -> Result<String> {
+    let api: Api<Command> = Api::namespaced(client.clone(), ns);
     let start = Instant::now();
     loop {
-        if let Some(c) = newest_command(client, ns).await?
-            && c.spec.command == verb
-            && lr::phase(&c).is_none_or(&pred)
-        {
+        let found = api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|c| c.spec.command == verb && !seen.contains(&c.name_any()));
+        if let Some(c) = found {
             return Ok(c.name_any());
         }
         if start.elapsed() > T {
-            bail!("no {verb} command reached the expected phase");
+            bail!("no new {verb} command appeared");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
