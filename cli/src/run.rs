@@ -6,8 +6,8 @@ use std::path::Path;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PostParams;
-use liveresponse_api::command::{Invocation, OutputFormat as LineOutput};
-use liveresponse_api::crd::{Command, CommandPhase, CommandSpec, OutputFormat};
+use liveresponse_api::command::Invocation;
+use liveresponse_api::crd::{Command, CommandPhase, CommandSpec};
 
 use crate::client::{Ctx, merge_patch, retry};
 use crate::error::{Error, Result};
@@ -16,10 +16,7 @@ use crate::wait::{self, SPINNER_DELAY, Spinner};
 
 /// The Command resource for an invocation typed in `session`.
 pub fn build_command(session: &str, inv: &Invocation, background: bool) -> Command {
-    let output = match inv.output {
-        Some(LineOutput::Json) => OutputFormat::Json,
-        Some(LineOutput::Table) | None => OutputFormat::Table,
-    };
+    let output = inv.output.unwrap_or_default();
     Command {
         metadata: ObjectMeta {
             generate_name: Some(format!("{session}-")),
@@ -252,7 +249,7 @@ pub fn label(command: &Command) -> String {
 mod tests {
     use super::*;
     use liveresponse_api::command::{parse_command, parse_line};
-    use liveresponse_api::crd::{CommandError, CommandOutput, CommandStatus};
+    use liveresponse_api::crd::{CommandError, CommandOutput, CommandStatus, OutputFormat};
 
     fn line(text: &str) -> liveresponse_api::command::ConsoleLine {
         match parse_line(text) {

@@ -9,10 +9,10 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use liveresponse_api::command::{OutputFormat as ParsedFormat, parse_command};
+use liveresponse_api::command::parse_command;
 use liveresponse_api::crd::{
-    Command, CommandPhase, LiveResponseSession, LiveResponseSettings, OutputFormat,
-    REQUESTED_BY_ANNOTATION, SessionPhase, SettingsSpec,
+    Command, CommandPhase, LiveResponseSession, LiveResponseSettings, REQUESTED_BY_ANNOTATION,
+    SessionPhase, SettingsSpec,
 };
 use liveresponse_api::proto::{Completed, Execute, Outcome};
 use serde_json::json;
@@ -409,10 +409,7 @@ pub fn render_output(
     records: &[serde_json::Value],
     warnings: &[String],
 ) -> serde_json::Value {
-    let format = match c.spec.output {
-        OutputFormat::Table => ParsedFormat::Table,
-        OutputFormat::Json => ParsedFormat::Json,
-    };
+    let format = c.spec.output;
     // `-output json` typed as an argument wins over spec.output.
     let parsed = parse_command(&c.spec.command, &c.spec.args).ok();
     let format = parsed.as_ref().and_then(|i| i.output).unwrap_or(format);
@@ -423,7 +420,7 @@ pub fn render_output(
     let (inline, truncated) =
         liveresponse_api::output::truncate(&text, liveresponse_api::output::INLINE_LIMIT);
     json!({
-        "format": match format { ParsedFormat::Json => "json", ParsedFormat::Table => "table" },
+        "format": format.as_str(),
         "content": inline,
         "truncated": truncated,
         "size": text.len(),
