@@ -121,8 +121,12 @@ impl Connector {
                         }
                     }));
                 }
-                Some(operator_message::Msg::Execute(e)) => self.executor.execute(e).await,
+                Some(operator_message::Msg::Execute(e)) => {
+                    tracing::debug!(uid = %e.command_uid, session = %e.session, command = %e.command, "execute received");
+                    self.executor.execute(e).await
+                }
                 Some(operator_message::Msg::Cancel(c)) => {
+                    tracing::info!(uid = %c.command_uid, reason = %c.reason, "cancel received");
                     self.executor.cancel(&c.command_uid, &c.reason)
                 }
                 Some(operator_message::Msg::Reject(r)) => {

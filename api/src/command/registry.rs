@@ -465,7 +465,8 @@ static REGISTRY: &[CommandSpec] = &[
         named: NONE_PARAMS,
         flags: NONE_FLAGS,
         prerequisites: &[],
-        columns: &[col("command", "COMMAND"), col("summary", "SUMMARY")],
+        // The help text itself, one record per line: the same answer everywhere.
+        columns: &[col("text", "HELP")],
         background_allowed: false,
         timeout: TimeoutClass::Normal,
         summary: "List commands, or describe one",
