@@ -5,13 +5,13 @@
 use std::path::Path;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use liveresponse_api::command::Invocation;
 use liveresponse_api::crd::{Command, CommandPhase, CommandSpec};
 
 use crate::client::{Ctx, merge_patch, retry};
 use crate::error::{Error, Result};
-use crate::render::{Colors, command_line};
+use crate::render::{Colors, command_line, sort_commands};
 use crate::wait::{self, SPINNER_DELAY, Spinner};
 
 /// The Command resource for an invocation typed in `session`.
@@ -48,6 +48,21 @@ pub async fn submit(
         .commands()
         .create(&PostParams::default(), &command)
         .await?)
+}
+
+/// The commands of a session, in log order. The API server cannot select them by
+/// session, so the namespace's Commands are listed and filtered here.
+pub async fn session_commands(ctx: &Ctx, session: &str) -> Result<Vec<Command>> {
+    let mut commands: Vec<Command> = ctx
+        .commands()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|c| c.spec.session == session)
+        .collect();
+    sort_commands(&mut commands);
+    Ok(commands)
 }
 
 pub fn phase_of(command: &Command) -> Option<CommandPhase> {
