@@ -91,5 +91,8 @@ fn exec_status_needs_a_session_before_any_api_call() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--session"), "{stderr}");
-    assert!(!stderr.contains("kubeconfig"), "contacted the cluster: {stderr}");
+    assert!(
+        !stderr.contains("kubeconfig"),
+        "contacted the cluster: {stderr}"
+    );
 }
