@@ -121,9 +121,13 @@ impl Connector {
                         }
                     }));
                 }
-                Some(operator_message::Msg::Execute(e)) => self.executor.execute(e).await,
+                Some(operator_message::Msg::Execute(e)) => {
+                    tracing::debug!(uid = %e.command_uid, session = %e.session, command = %e.command, "execute received");
+                    self.executor.execute(e).await
+                }
                 Some(operator_message::Msg::Cancel(c)) => {
                     let why = c.reason();
+                    tracing::info!(uid = %c.command_uid, reason = why.as_str_name(), "cancel received");
                     self.executor.cancel(&c.command_uid, why)
                 }
                 Some(operator_message::Msg::Reject(r)) => {

@@ -11,18 +11,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use liveresponse_api::command::{Invocation, OutputFormat, parse_command};
+use liveresponse_api::command::{
+    Handler, Invocation, OutputFormat, agent_commands, help_answer, parse_command,
+};
 use liveresponse_api::proto::{
     self, AgentMessage, CancelReason, CommandEvent, Completed, Execute, Outcome, OutputChunk,
     agent_message, command_event,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
+use crate::logging::{SessionLevels, command_span};
 use crate::provider::{CommandResult, ExecContext, ExecError, Provider};
 
-/// Commands the executor answers without the provider.
-pub const AGENT_COMMANDS: &[&str] = &["help", "status", "trace"];
 /// How many finished results are kept for replay, and how many bytes of output in all: a
 /// result evicted here is not lost for good, it only cannot be replayed (the operator fails
 /// the command if it never arrived).
@@ -30,9 +32,6 @@ const REMEMBERED: usize = 512;
 const REMEMBERED_BYTES: usize = 64 * 1024 * 1024;
 /// Output travels in chunks of this size.
 const CHUNK: usize = 256 * 1024;
-
-/// Changes the agent's log filter (`trace -level`).
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 struct Job {
     cancelled: Arc<AtomicBool>,
@@ -56,21 +55,22 @@ pub struct Executor {
     host_root: PathBuf,
     started: Instant,
     state: Mutex<State>,
-    log_level: SetLogLevel,
+    /// `trace -level` of each session.
+    levels: SessionLevels,
 }
 
 impl Executor {
     pub fn new(
         provider: Box<dyn Provider>,
         host_root: PathBuf,
-        log_level: SetLogLevel,
+        levels: SessionLevels,
     ) -> Arc<Self> {
         Arc::new(Self {
             provider,
             host_root,
             started: Instant::now(),
             state: Mutex::new(State::default()),
-            log_level,
+            levels,
         })
     }
 
@@ -90,7 +90,7 @@ impl Executor {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        caps.extend(AGENT_COMMANDS.iter().map(|s| s.to_string()));
+        caps.extend(agent_commands().iter().map(|s| s.to_string()));
         caps.sort();
         caps.dedup();
         caps
@@ -141,7 +141,8 @@ impl Executor {
         let reason = job.reason.clone();
         self.state().running.insert(uid.clone(), job);
         let me = self.clone();
-        tokio::spawn(async move {
+        let span = command_span(&exec.session, &uid);
+        let work = async move {
             tracing::info!(%uid, command = %exec.command, session = %exec.session, "running");
             let events = me.run(&exec, cancelled, reason).await;
             {
@@ -162,7 +163,8 @@ impl Executor {
             for e in events {
                 me.send(e).await;
             }
-        });
+        };
+        tokio::spawn(work.instrument(span));
     }
 
     /// Stops a running command: the provider sees the flag and returns.
@@ -197,8 +199,12 @@ impl Executor {
                     _ => OutputFormat::Table,
                 });
         let spec = inv.spec;
-        let result = if AGENT_COMMANDS.contains(&name) {
-            self.agent_command(&inv)
+        let result = if inv.spec.answered_by_agent() {
+            self.agent_command(&inv, &exec.session)
+        } else if inv.spec.handler == Handler::Operator {
+            Err(ExecError::Failed(format!(
+                "{name} is answered by the operator, not by the agent"
+            )))
         } else if !self.provider.capabilities().contains(&name) {
             let os = self.provider.os();
             let on_this_os = liveresponse_api::command::Platform::from_name(os)
@@ -227,7 +233,11 @@ impl Executor {
                     .then(|| Instant::now() + Duration::from_secs(u64::from(exec.timeout_seconds))),
             };
             let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.provider.execute(&ctx, &inv)).await {
+            // The blocking thread does not inherit the task's span; the provider's lines
+            // must still name the command.
+            let span = tracing::Span::current();
+            let work = move || span.in_scope(|| me.provider.execute(&ctx, &inv));
+            match tokio::task::spawn_blocking(work).await {
                 Ok(r) => r,
                 Err(e) => Err(ExecError::Failed(format!("the command crashed: {e}"))),
             }
@@ -268,25 +278,17 @@ impl Executor {
         }
     }
 
-    fn agent_command(&self, inv: &Invocation) -> Result<CommandResult, ExecError> {
+    fn agent_command(&self, inv: &Invocation, session: &str) -> Result<CommandResult, ExecError> {
         match inv.spec.name {
+            // The same answer as the console's, one record per line.
             "help" => {
-                let records = match inv.get("command") {
-                    Some(c) => {
-                        let text = liveresponse_api::command::help_for(c)
-                            .map_err(|e| ExecError::InvalidArgument(e.to_string()))?;
-                        text.lines()
-                            .enumerate()
-                            .map(|(i, l)| serde_json::json!({ "command": if i == 0 { c } else { "" }, "summary": l }))
-                            .collect()
-                    }
-                    None => liveresponse_api::command::registry()
-                        .iter()
-                        .filter(|s| s.tier != liveresponse_api::command::Tier::Console)
-                        .map(|s| serde_json::json!({ "command": s.name, "summary": s.summary, "tier": s.tier.as_str() }))
+                let text =
+                    help_answer(inv).map_err(|e| ExecError::InvalidArgument(e.to_string()))?;
+                Ok(CommandResult::with_records(
+                    text.lines()
+                        .map(|line| serde_json::json!({ "text": line }))
                         .collect(),
-                };
-                Ok(CommandResult::with_records(records))
+                ))
             }
             "status" => {
                 let st = self.state();
@@ -306,11 +308,17 @@ impl Executor {
                 }));
                 Ok(CommandResult::with_records(records))
             }
+            // Only this session's commands: the agent's own level stays as configured.
             "trace" => {
-                let level = inv.get("level").unwrap_or("info");
-                (self.log_level)(level).map_err(ExecError::InvalidArgument)?;
+                let level = match inv.get("level") {
+                    Some(level) => self
+                        .levels
+                        .set(session, level)
+                        .map_err(ExecError::InvalidArgument)?,
+                    None => self.levels.shown(session),
+                };
                 Ok(CommandResult::with_records(vec![
-                    serde_json::json!({ "level": level }),
+                    serde_json::json!({ "level": level, "session": session }),
                 ]))
             }
             other => Err(ExecError::Failed(format!(
@@ -393,4 +401,100 @@ fn succeeded(
         }),
     ));
     events
+}
+
+#[cfg(test)]
+mod tests {
+    use liveresponse_api::command::{Tier, registry};
+
+    use super::*;
+
+    struct NoProvider;
+
+    impl Provider for NoProvider {
+        fn os(&self) -> &'static str {
+            "linux"
+        }
+        fn capabilities(&self) -> Vec<&'static str> {
+            Vec::new()
+        }
+        fn execute(&self, _: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
+            Err(ExecError::Failed(format!(
+                "{} reached the provider",
+                inv.spec.name
+            )))
+        }
+    }
+
+    fn executor() -> Arc<Executor> {
+        Executor::new(Box::new(NoProvider), "/".into(), SessionLevels::new("info"))
+    }
+
+    fn answer(ex: &Executor, session: &str, line: &str) -> Result<CommandResult, ExecError> {
+        match liveresponse_api::command::parse_line(line) {
+            Ok(parsed) => ex.agent_command(&parsed.invocation, session),
+            Err(e) => panic!("{line}: {e}"),
+        }
+    }
+
+    /// The registry decides what the agent answers itself; every such command has an
+    /// answer here, and the hello announces them.
+    #[test]
+    fn agent_dispatch_follows_the_registry() {
+        let ex = executor();
+        for spec in registry().iter().filter(|s| s.answered_by_agent()) {
+            let result = answer(&ex, "s1", spec.examples[0]);
+            assert!(result.is_ok(), "{}: {:?}", spec.name, result.err());
+        }
+        for spec in registry().iter().filter(|s| !s.answered_by_agent()) {
+            if spec.tier == Tier::Console {
+                continue;
+            }
+            let result = answer(&ex, "s1", spec.examples[0]);
+            assert!(
+                result.is_err_and(|e| e.to_string().contains("not an agent command")),
+                "{} is not the agent's",
+                spec.name
+            );
+        }
+        let caps = ex.capabilities();
+        for name in agent_commands() {
+            assert!(
+                caps.iter().any(|c| c == name),
+                "{name} missing from {caps:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn help_is_the_consoles_answer_line_by_line() {
+        let ex = executor();
+        let records = answer(&ex, "s1", "help getfile").map(|r| r.records);
+        let text: Vec<String> = records
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r["text"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let expected = liveresponse_api::command::help_for("getfile").unwrap_or_default();
+        assert_eq!(text.join("\n"), expected.trim_end_matches('\n'));
+    }
+
+    #[test]
+    fn trace_sets_and_shows_the_sessions_level_only() {
+        let ex = executor();
+        let level = |session: &str, line: &str| {
+            answer(&ex, session, line)
+                .ok()
+                .and_then(|r| r.records.first().map(|r| r["level"].clone()))
+        };
+        assert_eq!(level("s1", "trace"), Some("info".into()));
+        assert_eq!(level("s1", "trace -level debug"), Some("debug".into()));
+        assert_eq!(level("s1", "trace"), Some("debug".into()));
+        assert_eq!(level("s2", "trace"), Some("info".into()));
+        assert_eq!(
+            ex.levels.get("s1"),
+            Some(tracing::level_filters::LevelFilter::DEBUG)
+        );
+        assert_eq!(ex.levels.get("s2"), None);
+    }
 }

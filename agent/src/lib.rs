@@ -4,4 +4,5 @@
 pub mod connection;
 pub mod enroll;
 pub mod executor;
+pub mod logging;
 pub mod provider;

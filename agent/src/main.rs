@@ -7,8 +7,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use liveresponse_agent::connection::{Connector, hello};
 use liveresponse_agent::enroll::{Identityfiles, enroll};
-use liveresponse_agent::executor::{Executor, SetLogLevel};
-use tracing_subscriber::{EnvFilter, reload};
+use liveresponse_agent::executor::Executor;
+use liveresponse_agent::logging::{SessionLevels, json_layer};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Live response agent")]
@@ -49,25 +50,20 @@ struct Args {
 #[tokio::main]
 async fn main() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::new(filter);
+    let levels = SessionLevels::new(filter.to_string());
     use tracing_subscriber::prelude::*;
     tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().json())
+        .with(json_layer(filter, levels.clone(), std::io::stdout))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let set_level: SetLogLevel = Box::new(move |level: &str| -> Result<(), String> {
-        let f = EnvFilter::try_new(level).map_err(|e| format!("bad trace level {level:?}: {e}"))?;
-        handle.reload(f).map_err(|e| e.to_string())
-    });
-    if let Err(e) = run(Args::parse(), set_level).await {
+    if let Err(e) = run(Args::parse(), levels).await {
         tracing::error!(error = %format!("{e:#}"), "agent stopped");
         eprintln!("liveresponse-agent: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args, set_level: SetLogLevel) -> Result<()> {
+async fn run(args: Args, levels: SessionLevels) -> Result<()> {
     let domain = match &args.gateway_name {
         Some(n) => n.clone(),
         None => args
@@ -113,7 +109,7 @@ async fn run(args: Args, set_level: SetLogLevel) -> Result<()> {
     let executor = Executor::new(
         liveresponse_agent::provider::for_this_os(),
         args.host_root.clone(),
-        set_level,
+        levels,
     );
     let mut hello = hello(&executor, &args.host_root);
     if let Some(v) = args.protocol_version {

@@ -1,8 +1,9 @@
 //! The interactive console of a connected session.
 //!
 //! Every line is parsed with the registry before anything is sent, so a typo costs no
-//! API call. Console-tier commands (and `help`) run here; everything else becomes a
-//! Command resource the operator runs on the device.
+//! API call. Commands the registry gives to the console (`Handler::Console`: `help`,
+//! `status`, `jobs`...) run here; everything else becomes a Command resource the operator
+//! runs, on the device or itself.
 //!
 //! Ctrl+C: at the prompt rustyline has the terminal in raw mode and reports it as
 //! `Interrupted` (a new prompt). While a command runs, the terminal is in cooked mode,
@@ -11,8 +12,7 @@
 //! stays.
 
 use jiff::Timestamp;
-use kube::api::ListParams;
-use liveresponse_api::command::{ConsoleLine, help_for, help_overview, parse_line};
+use liveresponse_api::command::{ConsoleLine, Handler, OutputFormat, help_answer, parse_line};
 use liveresponse_api::crd::{Command, LiveResponseSession};
 use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
@@ -38,6 +38,12 @@ pub enum Action {
     },
     /// `jobs`.
     Jobs,
+    /// `status` or `status ID`: the session's command log, from its Command objects.
+    Status {
+        id: Option<i64>,
+        format: OutputFormat,
+        redirect: Option<String>,
+    },
     /// `fg ID`.
     Foreground { id: i64, redirect: Option<String> },
     /// `exit` or `disconnect`: end the session and leave.
@@ -52,60 +58,50 @@ pub enum Action {
 
 /// Decides what a console line does.
 pub fn dispatch(line: &str) -> Action {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let Some(first) = words.first() else {
+    if line.trim().is_empty() {
         return Action::Nothing;
-    };
-    // `disconnect` is Defender's word for leaving; the registry spells it `exit`.
-    if first.eq_ignore_ascii_case("disconnect") {
-        return if words.len() == 1 {
-            Action::End
-        } else {
-            Action::Invalid("disconnect: takes no arguments\nusage: disconnect".to_owned())
-        };
     }
     let parsed = match parse_line(line) {
         Ok(parsed) => parsed,
         Err(err) => return Action::Invalid(err.to_string()),
     };
     let inv = &parsed.invocation;
+    if inv.spec.handler != Handler::Console {
+        return Action::Run(parsed);
+    }
+    let redirect = parsed.redirect.clone();
     match inv.spec.name {
         "cls" => Action::Clear,
         "exit" => Action::End,
         "connect" => Action::AlreadyConnected,
         "jobs" => Action::Jobs,
-        "fg" => {
-            let raw = inv.get("id").unwrap_or_default();
-            match raw.parse::<i64>() {
-                Ok(id) => Action::Foreground {
-                    id,
-                    redirect: parsed.redirect.clone(),
-                },
-                Err(_) => Action::Invalid(format!("fg: there is no command {raw}")),
-            }
-        }
-        // `help` is in the basic tier so a Command can ask an agent for it, but the
-        // registry is compiled into this binary: no need to ask anyone.
-        "help" => {
-            let topic: Vec<&str> = ["command", "subcommand"]
-                .into_iter()
-                .filter_map(|p| inv.get(p))
-                .collect();
-            let text = if topic.is_empty() {
-                Ok(help_overview())
-            } else {
-                help_for(&topic.join(" "))
-            };
-            match text {
-                Ok(text) => Action::Print {
-                    text,
-                    redirect: parsed.redirect.clone(),
-                },
-                Err(err) => Action::Invalid(err.to_string()),
-            }
-        }
-        _ => Action::Run(parsed),
+        "fg" => match id_of(inv.get("id")) {
+            Ok(id) => Action::Foreground { id, redirect },
+            Err(raw) => Action::Invalid(format!("fg: there is no command {raw}")),
+        },
+        // The registry is compiled into this binary: no need to ask anyone.
+        "help" => match help_answer(inv) {
+            Ok(text) => Action::Print { text, redirect },
+            Err(err) => Action::Invalid(err.to_string()),
+        },
+        "status" => match inv.get("id").map(|raw| id_of(Some(raw))).transpose() {
+            Ok(id) => Action::Status {
+                id,
+                format: inv.output.unwrap_or_default(),
+                redirect,
+            },
+            Err(raw) => Action::Invalid(format!("status: there is no command {raw}")),
+        },
+        // A command the registry gives to the console but this console does not know: the
+        // dispatch test catches it before a user does.
+        other => Action::Invalid(format!("{other}: not available in this console")),
     }
+}
+
+/// A command id as typed; the text back when it cannot be one.
+fn id_of(raw: Option<&str>) -> std::result::Result<i64, String> {
+    let raw = raw.unwrap_or_default();
+    raw.parse::<i64>().map_err(|_| raw.to_owned())
 }
 
 /// Lines kept for the up arrow; in memory only, since lines may name sensitive paths.
@@ -285,6 +281,11 @@ impl Console<'_> {
                 Action::Clear => clear_screen(),
                 Action::Print { text, redirect } => self.print_local(&text, redirect.as_deref()),
                 Action::Jobs => self.jobs().await,
+                Action::Status {
+                    id,
+                    format,
+                    redirect,
+                } => self.status(id, format, redirect.as_deref()).await,
                 Action::Foreground { id, redirect } => {
                     self.foreground(id, redirect.as_deref()).await
                 }
@@ -378,16 +379,19 @@ impl Console<'_> {
 
     /// This session's commands, in log order.
     async fn commands(&self) -> Result<Vec<Command>> {
-        let listed = interruptible(self.ctx.commands().list(&ListParams::default()))
+        interruptible(run::session_commands(self.ctx, &self.name))
             .await
-            .ok_or(Error::Interrupted)??;
-        let mut commands: Vec<Command> = listed
-            .items
-            .into_iter()
-            .filter(|c| c.spec.session == self.name)
-            .collect();
-        render::sort_commands(&mut commands);
-        Ok(commands)
+            .ok_or(Error::Interrupted)?
+    }
+
+    async fn status(&self, id: Option<i64>, format: OutputFormat, redirect: Option<&str>) {
+        let answer = self.commands().await.and_then(|commands| {
+            render::status_answer(&commands, id, format, &self.name, Timestamp::now())
+        });
+        match answer {
+            Ok(text) => self.print_local(&text, redirect),
+            Err(err) => self.error(&err.to_string()),
+        }
     }
 
     async fn jobs(&self) {
@@ -455,6 +459,8 @@ impl Console<'_> {
 
 #[cfg(test)]
 mod tests {
+    use liveresponse_api::command::{help_overview, registry};
+
     use super::*;
 
     fn run_line(line: &str) -> ConsoleLine {
@@ -515,6 +521,57 @@ mod tests {
             Action::Invalid(msg) => assert!(msg.contains("unknown command 'nosuch'"), "{msg}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The registry decides what stays in the console: each command's first example is
+    /// answered here exactly when its handler is the console.
+    #[test]
+    fn console_dispatch_follows_the_registry() {
+        for spec in registry() {
+            let action = dispatch(spec.examples[0]);
+            if spec.handler == Handler::Console {
+                assert!(
+                    !matches!(action, Action::Run(_) | Action::Invalid(_)),
+                    "{}: {action:?}",
+                    spec.name
+                );
+            } else {
+                assert!(
+                    matches!(action, Action::Run(_)),
+                    "{}: {action:?}",
+                    spec.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn status_reads_the_session_log_here() {
+        assert_eq!(
+            dispatch("status"),
+            Action::Status {
+                id: None,
+                format: OutputFormat::Table,
+                redirect: None
+            }
+        );
+        assert_eq!(
+            dispatch("Status 3 -output json > s.json"),
+            Action::Status {
+                id: Some(3),
+                format: OutputFormat::Json,
+                redirect: Some("s.json".into())
+            }
+        );
+        assert!(matches!(
+            dispatch("status 99999999999999999999"),
+            Action::Invalid(_)
+        ));
+        assert!(matches!(dispatch("status x"), Action::Invalid(_)));
+        assert!(matches!(dispatch("status &"), Action::Invalid(_)));
+        // trace is the agent's: it goes to the device as a Command.
+        assert!(matches!(dispatch("trace -level debug"), Action::Run(_)));
+        assert!(matches!(dispatch("trace"), Action::Run(_)));
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `exec DEVICE -- COMMAND...`: one command, for scripts and CI. Its output goes to
 //! stdout and nothing else does; the exit status says whether it succeeded.
 
-use liveresponse_api::command::{Invocation, Tier, help_for, help_overview, parse_command};
+use jiff::Timestamp;
+use liveresponse_api::command::{
+    Handler, Invocation, OutputFormat, Tier, help_answer, parse_command,
+};
 
 use crate::client::{Ctx, Target};
 use crate::connect::abandon;
 use crate::error::{EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Error, Result};
-use crate::render::Colors;
+use crate::render::{self, Colors};
 use crate::run::{self, OnInterrupt, Waited};
 use crate::session::{self, DISCONNECT_TIMEOUT};
 
@@ -34,6 +37,11 @@ pub struct ExecArgs {
 pub enum Plan {
     /// Print help locally; no session needed.
     Help(String),
+    /// Show the command log of the `--session` session, or one command of it.
+    Status {
+        id: Option<i64>,
+        format: OutputFormat,
+    },
     /// Send this to the device.
     Run(Invocation),
 }
@@ -45,25 +53,34 @@ pub fn plan(words: &[String]) -> Result<Plan> {
         return Err(Error::Usage("exec: no command given after --".to_owned()));
     };
     let inv = parse_command(first, rest)?;
-    if inv.spec.name == "help" {
-        let topic: Vec<&str> = ["command", "subcommand"]
-            .into_iter()
-            .filter_map(|p| inv.get(p))
-            .collect();
-        let text = if topic.is_empty() {
-            help_overview()
-        } else {
-            help_for(&topic.join(" "))?
-        };
-        return Ok(Plan::Help(text));
-    }
     if inv.spec.tier == Tier::Console {
         return Err(Error::Usage(format!(
             "exec: {} is a console command; exec runs device commands (use connect for an interactive session)",
             inv.spec.name
         )));
     }
-    Ok(Plan::Run(inv))
+    if inv.spec.handler != Handler::Console {
+        return Ok(Plan::Run(inv));
+    }
+    // What the console answers itself, exec answers the same way.
+    match inv.spec.name {
+        "help" => Ok(Plan::Help(help_answer(&inv)?)),
+        "status" => {
+            let id = match inv.get("id") {
+                Some(raw) => Some(raw.parse::<i64>().map_err(|_| {
+                    Error::Usage(format!("exec: status: there is no command {raw}"))
+                })?),
+                None => None,
+            };
+            Ok(Plan::Status {
+                id,
+                format: inv.output.unwrap_or_default(),
+            })
+        }
+        other => Err(Error::Usage(format!(
+            "exec: {other} is answered by the console only (use connect)"
+        ))),
+    }
 }
 
 pub async fn run(target: &Target, args: &ExecArgs, no_color: bool) -> Result<i32> {
@@ -72,6 +89,15 @@ pub async fn run(target: &Target, args: &ExecArgs, no_color: bool) -> Result<i32
         Plan::Help(text) => {
             print!("{text}");
             return Ok(EXIT_OK);
+        }
+        Plan::Status { id, format } => {
+            // A session exec opens has no log yet: status reads an existing one.
+            let Some(session) = &args.session else {
+                return Err(Error::Usage(
+                    "exec: status shows a session's command log; name the session with --session (kubectl liveresponse sessions lists them)".to_owned(),
+                ));
+            };
+            return status(target, &args.device, session, id, format).await;
         }
         Plan::Run(inv) => inv,
     };
@@ -97,6 +123,33 @@ pub async fn run(target: &Target, args: &ExecArgs, no_color: bool) -> Result<i32
         eprintln!("session {name} stays connected");
     }
     result
+}
+
+/// `exec DEVICE --session NAME -- status [ID]`: the same answer as the console's.
+async fn status(
+    target: &Target,
+    device: &str,
+    session: &str,
+    id: Option<i64>,
+    format: OutputFormat,
+) -> Result<i32> {
+    let ctx = Ctx::new(target).await?;
+    // Asked first so a mistyped name gets "not found" rather than an empty log; an ended
+    // session's log is still worth reading, so only the device is checked.
+    let found = ctx.sessions().get(session).await?;
+    if found.spec.device != device {
+        return Err(Error::WrongDevice {
+            name: session.to_owned(),
+            actual: found.spec.device,
+            wanted: device.to_owned(),
+        });
+    }
+    let commands = run::session_commands(&ctx, session).await?;
+    print!(
+        "{}",
+        render::status_answer(&commands, id, format, session, Timestamp::now())?
+    );
+    Ok(EXIT_OK)
 }
 
 async fn run_in(ctx: &Ctx, name: &str, inv: &Invocation, no_color: bool) -> Result<i32> {
@@ -192,6 +245,58 @@ mod tests {
             match plan(&words(bad)) {
                 Err(err) => assert_eq!(err.exit_code(), crate::error::EXIT_USAGE, "{bad:?}: {err}"),
                 Ok(p) => panic!("{bad:?} should be refused, got {p:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn status_is_answered_from_the_log_not_the_device() {
+        assert_eq!(
+            plan(&words(&["status"])).ok(),
+            Some(Plan::Status {
+                id: None,
+                format: OutputFormat::Table
+            })
+        );
+        assert_eq!(
+            plan(&words(&["status", "3", "-output", "json"])).ok(),
+            Some(Plan::Status {
+                id: Some(3),
+                format: OutputFormat::Json
+            })
+        );
+        // Ids beyond any command are refused before the cluster is asked.
+        match plan(&words(&["status", "99999999999999999999"])) {
+            Err(err) => assert_eq!(err.exit_code(), crate::error::EXIT_USAGE, "{err}"),
+            other => panic!("{other:?}"),
+        }
+        // trace is the agent's: it becomes a Command.
+        assert!(matches!(
+            plan(&words(&["trace", "-level", "debug"])),
+            Ok(Plan::Run(_))
+        ));
+    }
+
+    /// Every command a Command may carry has a plan: the console's own answered here,
+    /// the rest sent to the cluster.
+    #[test]
+    fn exec_dispatch_follows_the_registry() {
+        for spec in liveresponse_api::command::registry() {
+            let Ok(line) = parse_line(spec.examples[0]) else {
+                panic!("{}: example does not parse", spec.name);
+            };
+            let inv = line.invocation;
+            let mut w = vec![inv.verb().to_owned()];
+            w.extend(inv.args());
+            let planned = plan(&w);
+            match (spec.tier, spec.handler) {
+                (Tier::Console, _) => assert!(planned.is_err(), "{}", spec.name),
+                (_, Handler::Console) => assert!(
+                    matches!(planned, Ok(Plan::Help(_) | Plan::Status { .. })),
+                    "{}: {planned:?}",
+                    spec.name
+                ),
+                _ => assert!(matches!(planned, Ok(Plan::Run(_))), "{}", spec.name),
             }
         }
     }

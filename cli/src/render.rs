@@ -6,13 +6,14 @@ use std::io::IsTerminal;
 
 use comfy_table::{Cell, Color, Table, presets};
 use jiff::Timestamp;
-use liveresponse_api::command::parse_command;
+use liveresponse_api::command::{OutputFormat, find, parse_command};
 use liveresponse_api::crd::{
     Command, CommandPhase, Device, LiveResponseSession, SessionPhase, Time,
 };
+use liveresponse_api::output::render;
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `-o table|json` of the listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -397,12 +398,76 @@ pub fn jobs_table(commands: &[Command], now: Timestamp, colors: Colors) -> Strin
     table(&["ID", "COMMAND", "PHASE", "STARTED"], rows, colors)
 }
 
+/// One row of `status`: the registry's columns of the command log (id, command, phase,
+/// started, duration), plus the Command's name and error for `-output json`.
+pub fn status_record(command: &Command, now: Timestamp) -> serde_json::Value {
+    let status = command.status.as_ref();
+    let started = status.and_then(|s| s.start_time.as_ref()).map_or_else(
+        || "-".to_owned(),
+        |t| t.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    );
+    let mut record = serde_json::json!({
+        "id": status.and_then(|s| s.id),
+        "command": command_line(command),
+        "phase": phase_name(status.and_then(|s| s.phase)),
+        "started": started,
+        "duration": command_duration(command, now),
+        "name": command.metadata.name,
+    });
+    if let Some(error) = status.and_then(|s| s.error.as_ref()) {
+        record["error"] = serde_json::json!({ "reason": error.reason, "message": error.message });
+    }
+    record
+}
+
+/// What `status` (the session's whole log) or `status ID` (one command) shows, in the
+/// requested format. `commands` are the session's, in log order.
+pub fn status_answer(
+    commands: &[Command],
+    id: Option<i64>,
+    format: OutputFormat,
+    session: &str,
+    now: Timestamp,
+) -> Result<String> {
+    let spec =
+        find("status").ok_or_else(|| Error::Usage("status is not in the registry".into()))?;
+    let chosen: Vec<&Command> = match id {
+        None => commands.iter().collect(),
+        Some(id) => {
+            let one = commands
+                .iter()
+                .find(|c| c.status.as_ref().and_then(|s| s.id) == Some(id));
+            match one {
+                Some(c) => vec![c],
+                None => {
+                    return Err(Error::NotFound {
+                        kind: "command",
+                        name: format!("{id} in session {session}"),
+                    });
+                }
+            }
+        }
+    };
+    if chosen.is_empty() && format == OutputFormat::Table {
+        return Ok(format!("session {session} has no commands yet\n"));
+    }
+    let records: Vec<serde_json::Value> = chosen.iter().map(|c| status_record(c, now)).collect();
+    let mut text = render(spec, &records, format);
+    // One command in a table: say why it did not succeed, as Defender's status does.
+    if let ([one], Some(_), OutputFormat::Table) = (chosen.as_slice(), id, format)
+        && let Some(error) = one.status.as_ref().and_then(|s| s.error.as_ref())
+    {
+        text.push_str(&format!("{}: {}\n", error.reason, error.message));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use liveresponse_api::crd::{
-        CommandSpec, CommandStatus, DeviceSpec, DeviceStatus, OsFamily, OutputFormat, SessionSpec,
+        CommandError, CommandSpec, CommandStatus, DeviceSpec, DeviceStatus, OsFamily, SessionSpec,
         SessionState, SessionStatus,
     };
 
@@ -736,5 +801,73 @@ mod tests {
         assert_eq!(value["items"][0]["status"]["id"], 1);
         assert_eq!(value["items"][0]["status"]["duration"], "1.2s");
         assert_eq!(value["items"][0]["kind"], "Command");
+    }
+
+    #[test]
+    fn status_is_the_session_log_in_the_registry_columns() {
+        let now = ts(NOW);
+        let mut failed = command("c-2", Some(2), CommandPhase::Failed, Some("0.3s"));
+        if let Some(s) = failed.status.as_mut() {
+            s.error = Some(CommandError {
+                reason: "NotFound".into(),
+                message: "no process with pid 7".into(),
+            });
+        }
+        let commands = vec![
+            command("c-1", Some(1), CommandPhase::Succeeded, Some("1.2s")),
+            failed,
+            command("c-3", Some(3), CommandPhase::Running, None),
+        ];
+        let text = status_answer(&commands, None, OutputFormat::Table, "s", now);
+        let text = text.unwrap_or_else(|e| panic!("{e}"));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        for (header, next) in [
+            ("ID", "COMMAND"),
+            ("COMMAND", "PHASE"),
+            ("PHASE", "STARTED"),
+            ("STARTED", "DURATION"),
+        ] {
+            let (a, b) = (lines[0].find(header), lines[0].find(next));
+            assert!(a.is_some() && a < b, "{header} before {next}: {text}");
+        }
+        assert!(lines[1].starts_with("1 "), "{text}");
+        for want in [
+            "processes -name sshd",
+            "Succeeded",
+            "2026-05-01T11:59:48Z",
+            "1.2s",
+        ] {
+            assert!(lines[1].contains(want), "{want} missing: {text}");
+        }
+        assert!(
+            lines[3].contains("Running") && lines[3].ends_with("12s+"),
+            "{text}"
+        );
+        // The whole log does not repeat each error; status ID does.
+        assert!(!text.contains("no process with pid 7"), "{text}");
+
+        let one = status_answer(&commands, Some(2), OutputFormat::Table, "s", now);
+        let one = one.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one.lines().count(), 3, "{one}");
+        assert!(one.contains("Failed"), "{one}");
+        assert!(one.ends_with("NotFound: no process with pid 7\n"), "{one}");
+
+        let json = status_answer(&commands, Some(2), OutputFormat::Json, "s", now);
+        let json: serde_json::Value =
+            serde_json::from_str(&json.unwrap_or_default()).unwrap_or_default();
+        assert_eq!(json[0]["id"], 2);
+        assert_eq!(json[0]["name"], "c-2");
+        assert_eq!(json[0]["error"]["reason"], "NotFound");
+
+        let missing = status_answer(&commands, Some(9), OutputFormat::Table, "s", now);
+        assert!(missing.is_err_and(|e| e.to_string() == "command 9 in session s not found"),);
+        let empty = status_answer(&[], None, OutputFormat::Table, "s", now);
+        assert_eq!(
+            empty.ok().as_deref(),
+            Some("session s has no commands yet\n")
+        );
+        let empty = status_answer(&[], None, OutputFormat::Json, "s", now);
+        assert_eq!(empty.ok().as_deref(), Some("[]"));
     }
 }

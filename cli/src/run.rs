@@ -5,21 +5,18 @@
 use std::path::Path;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::PostParams;
-use liveresponse_api::command::{Invocation, OutputFormat as LineOutput};
-use liveresponse_api::crd::{Command, CommandPhase, CommandSpec, OutputFormat};
+use kube::api::{ListParams, PostParams};
+use liveresponse_api::command::Invocation;
+use liveresponse_api::crd::{Command, CommandPhase, CommandSpec};
 
 use crate::client::{Ctx, merge_patch, retry};
 use crate::error::{Error, Result};
-use crate::render::{Colors, command_line};
+use crate::render::{Colors, command_line, sort_commands};
 use crate::wait::{self, SPINNER_DELAY, Spinner};
 
 /// The Command resource for an invocation typed in `session`.
 pub fn build_command(session: &str, inv: &Invocation, background: bool) -> Command {
-    let output = match inv.output {
-        Some(LineOutput::Json) => OutputFormat::Json,
-        Some(LineOutput::Table) | None => OutputFormat::Table,
-    };
+    let output = inv.output.unwrap_or_default();
     Command {
         metadata: ObjectMeta {
             generate_name: Some(format!("{session}-")),
@@ -51,6 +48,21 @@ pub async fn submit(
         .commands()
         .create(&PostParams::default(), &command)
         .await?)
+}
+
+/// The commands of a session, in log order. The API server cannot select them by
+/// session, so the namespace's Commands are listed and filtered here.
+pub async fn session_commands(ctx: &Ctx, session: &str) -> Result<Vec<Command>> {
+    let mut commands: Vec<Command> = ctx
+        .commands()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|c| c.spec.session == session)
+        .collect();
+    sort_commands(&mut commands);
+    Ok(commands)
 }
 
 pub fn phase_of(command: &Command) -> Option<CommandPhase> {
@@ -252,7 +264,7 @@ pub fn label(command: &Command) -> String {
 mod tests {
     use super::*;
     use liveresponse_api::command::{parse_command, parse_line};
-    use liveresponse_api::crd::{CommandError, CommandOutput, CommandStatus};
+    use liveresponse_api::crd::{CommandError, CommandOutput, CommandStatus, OutputFormat};
 
     fn line(text: &str) -> liveresponse_api::command::ConsoleLine {
         match parse_line(text) {

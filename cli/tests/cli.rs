@@ -84,3 +84,15 @@ fn clap_usage_errors_exit_2() {
     assert_eq!(cli(&["exec", "host-1"]).status.code(), Some(2));
     assert_eq!(cli(&["devices", "-o", "yaml"]).status.code(), Some(2));
 }
+
+#[test]
+fn exec_status_needs_a_session_before_any_api_call() {
+    let out = cli(&["exec", "host-1", "--", "status"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--session"), "{stderr}");
+    assert!(
+        !stderr.contains("kubeconfig"),
+        "contacted the cluster: {stderr}"
+    );
+}

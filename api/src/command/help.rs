@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use super::error::{ParseError, ParseErrorKind};
-use super::parser::suggest;
-use super::registry::{CommandSpec, ParamSpec, Tier, ValueKind, family, registry};
+use super::parser::{Invocation, suggest};
+use super::registry::{CommandSpec, ParamSpec, Tier, ValueKind, alias_of, family, registry};
 
 /// One-line synopsis, e.g. `getfile <path> [-auto] [-output table|json]`.
 pub fn usage(spec: &CommandSpec) -> String {
@@ -88,14 +88,31 @@ pub fn help_overview() -> String {
     out
 }
 
-/// Full help for a command (`"getfile"`, `"library delete"`); a word with sub-commands
-/// (`"library"`) describes all of them.
+/// What `help` answers, wherever it is asked (the console, `exec`, a Command the agent
+/// receives): the overview without a topic, else the pages of the command it names.
+pub fn help_answer(inv: &Invocation) -> Result<String, ParseError> {
+    let topic: Vec<&str> = ["command", "subcommand"]
+        .into_iter()
+        .filter_map(|p| inv.get(p))
+        .collect();
+    if topic.is_empty() {
+        Ok(help_overview())
+    } else {
+        help_for(&topic.join(" "))
+    }
+}
+
+/// Full help for a command (`"getfile"`, `"library delete"`, or an alias such as
+/// `"disconnect"`); a word with sub-commands (`"library"`) describes all of them.
 pub fn help_for(name: &str) -> Result<String, ParseError> {
     let wanted = name.split_whitespace().collect::<Vec<_>>().join(" ");
-    let specs: Vec<&CommandSpec> = registry()
+    let mut specs: Vec<&CommandSpec> = registry()
         .iter()
         .filter(|s| s.name.eq_ignore_ascii_case(&wanted) || s.verb().eq_ignore_ascii_case(&wanted))
         .collect();
+    if specs.is_empty() {
+        specs.extend(alias_of(&wanted));
+    }
     if specs.is_empty() {
         let suggestion = suggest(&wanted);
         return Err(ParseError::new(
@@ -113,6 +130,9 @@ fn page(spec: &CommandSpec) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{} - {}", spec.name, spec.summary);
     let _ = writeln!(out, "\nusage: {}\n", usage(spec));
+    if !spec.aliases.is_empty() {
+        let _ = writeln!(out, "Also typed as: {}\n", spec.aliases.join(", "));
+    }
     let _ = writeln!(out, "{}", spec.help);
 
     let mut rows: Vec<(String, String)> = Vec::new();

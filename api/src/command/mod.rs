@@ -1,9 +1,11 @@
 //! The command language of the live response console.
 //!
-//! One static [`registry`] describes every command: tier, platforms, parameters, flags,
-//! prerequisites, output columns, help and examples. The parser, `help`, the CLI's
-//! completion, the admission policy ([`advanced_verbs`]) and the agent's dispatcher all
-//! read it.
+//! One static [`registry`] describes every command: tier, where it is handled
+//! ([`Handler`]), its default timeout ([`TimeoutClass`]), aliases, platforms, parameters,
+//! flags, prerequisites, output columns, help and examples. The parser, `help`
+//! ([`help_answer`]), the CLI's completion and dispatch, the admission policy
+//! ([`advanced_verbs`], [`command_verbs`]), the operator's timeouts ([`timeout_class`])
+//! and the agent's dispatcher ([`agent_commands`]) all read it.
 //!
 //! Two ways in, one meaning:
 //! - [`parse_line`]: what an analyst types, with ` &` (background) and `> file`
@@ -43,11 +45,12 @@ mod registry;
 mod render;
 
 pub use error::{ParseError, ParseErrorKind};
-pub use help::{help_for, help_overview, usage};
+pub use help::{help_answer, help_for, help_overview, usage};
 pub use parser::{ConsoleLine, Invocation, OutputFormat, parse_command, parse_line};
 pub use registry::{
-    Column, CommandSpec, ENTITY_TYPES, FlagSpec, ParamSpec, Platform, Tier, ValueKind,
-    advanced_verbs, find, registry, verbs,
+    Column, CommandSpec, ENTITY_TYPES, FlagSpec, Handler, ParamSpec, Platform, Tier, TimeoutClass,
+    ValueKind, advanced_verbs, agent_commands, alias_of, command_verbs, console_verbs, find,
+    handled_by, hinted_by, registry, timeout_class, verbs,
 };
 
 #[cfg(test)]

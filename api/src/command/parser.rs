@@ -10,13 +10,23 @@ use serde::{Deserialize, Serialize};
 use super::error::{ParseError, ParseErrorKind};
 use super::help::usage_of_verb;
 use super::lexer::{Token, lex_arg, lex_line};
-use super::registry::{CommandSpec, ParamSpec, Tier, ValueKind, family, find, verbs};
+use super::registry::{
+    CommandSpec, ParamSpec, Tier, ValueKind, alias_of, family, find, hinted_by, verbs,
+};
 
-/// Output format of a command: the global `-output table|json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Output format of a command.
+///
+/// One type for the console's `-output table|json`, a Command's `spec.output` and
+/// `status.output.format` (the CRD schema comes from here), so the two can never disagree
+/// about the spellings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "k8s", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
+    /// The main columns as a text table.
+    #[default]
     Table,
+    /// Every field of every record as JSON.
     Json,
 }
 
@@ -295,7 +305,10 @@ fn resolve(tokens: &[Token]) -> Result<(&'static CommandSpec, usize), ParseError
             return Ok((spec, 2));
         }
     }
-    if let Some(spec) = find(verb).filter(|s| s.subcommand().is_none()) {
+    if let Some(spec) = find(verb)
+        .or_else(|| alias_of(verb))
+        .filter(|s| s.subcommand().is_none())
+    {
         return Ok((spec, 1));
     }
     if family(verb).next().is_some() {
@@ -398,26 +411,11 @@ fn take_redirect(tokens: &mut Vec<Token>) -> Result<Option<String>, &'static str
     Ok(Some(file))
 }
 
-/// Console habits from other shells, and the command that does the job here.
-const ALIASES: &[(&str, &str)] = &[
-    ("ls", "dir"),
-    ("ps", "processes"),
-    ("netstat", "connections"),
-    ("clear", "cls"),
-    ("quit", "exit"),
-    ("logout", "exit"),
-    ("download", "getfile"),
-    ("upload", "putfile"),
-    ("kill", "remediate"),
-    ("find", "findfile"),
-    ("stat", "fileinfo"),
-];
-
 /// The closest command word within two edits (never a full rewrite of a short word).
 pub(crate) fn suggest(typed: &str) -> Option<String> {
     let typed = typed.to_lowercase();
-    if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == typed) {
-        return Some((*to).to_owned());
+    if let Some(spec) = hinted_by(&typed) {
+        return Some(spec.verb().to_owned());
     }
     let len = typed.chars().count();
     verbs()

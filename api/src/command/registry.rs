@@ -33,6 +33,37 @@ impl std::fmt::Display for Tier {
     }
 }
 
+/// Where a command is answered. Every list of "who handles what" (the console's dispatch,
+/// the agent's own commands, the provider's work) is derived from this, so adding a
+/// command is one registry row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handler {
+    /// `kubectl liveresponse` answers it itself, without creating a Command: from the
+    /// terminal, its own copy of this registry (`help`) or the session's Command log
+    /// (`status`). Console-tier ones never become a Command; a Command may still carry a
+    /// basic one (written by hand or by a playbook), and then the agent answers it with
+    /// what it knows ([`agent_commands`]).
+    Console,
+    /// The operator, from the Kubernetes API (the LibraryFile resources): nothing on the
+    /// device is involved.
+    Operator,
+    /// The agent itself, the same on every OS (`trace`: its log level).
+    Agent,
+    /// The agent's OS provider: what the device holds.
+    Provider,
+}
+
+/// Which default timeout applies when a Command sets none: LiveResponseSettings
+/// `commandTimeout` or `longCommandTimeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutClass {
+    Normal,
+    /// Work that grows with the device: walking a file tree, moving a file, a script.
+    Long,
+}
+
 /// Operating system of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -108,7 +139,14 @@ pub struct Column {
 pub struct CommandSpec {
     /// One word, or two for a sub-command (`library delete`).
     pub name: &'static str,
+    /// Other words that run this command when typed (`disconnect` for `exit`). A Command
+    /// resource always stores the canonical verb.
+    pub aliases: &'static [&'static str],
+    /// Words from other shells (`ls`, `ps`) that do not run anything here but make the
+    /// parser suggest this command.
+    pub hints: &'static [&'static str],
     pub tier: Tier,
+    pub handler: Handler,
     pub platforms: &'static [Platform],
     /// In the fixed order they are typed; optional ones come last.
     pub positional: &'static [ParamSpec],
@@ -119,6 +157,7 @@ pub struct CommandSpec {
     pub prerequisites: &'static [&'static str],
     pub columns: &'static [Column],
     pub background_allowed: bool,
+    pub timeout: TimeoutClass,
     pub summary: &'static str,
     pub help: &'static str,
     pub examples: &'static [&'static str],
@@ -157,6 +196,21 @@ impl CommandSpec {
     /// themselves.
     pub fn accepts_output(&self) -> bool {
         self.tier != Tier::Console
+    }
+
+    /// Whether a Command resource may carry it (the admission policy's list).
+    pub fn is_command(&self) -> bool {
+        self.tier != Tier::Console
+    }
+
+    /// Whether the agent answers a Command carrying it by itself, without its provider:
+    /// its own commands, and the console's that a Command may still carry.
+    pub fn answered_by_agent(&self) -> bool {
+        match self.handler {
+            Handler::Agent => true,
+            Handler::Console => self.is_command(),
+            Handler::Operator | Handler::Provider => false,
+        }
     }
 }
 
@@ -221,7 +275,10 @@ static REGISTRY: &[CommandSpec] = &[
     // ---- Basic ----
     CommandSpec {
         name: "cd",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[required(
             "path",
@@ -234,13 +291,17 @@ static REGISTRY: &[CommandSpec] = &[
         columns: &[col("path", "PATH")],
         // A background `cd` would race the commands that rely on the directory it sets.
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "Change the session's working directory",
         help: "Relative paths in later commands resolve against the new directory; it is recorded in the session's status.workingDirectory.",
         examples: &["cd C:\\Windows\\Temp", "cd \"/var/log/my app\"", "cd .."],
     },
     CommandSpec {
         name: "connections",
+        aliases: &[],
+        hints: &["netstat"],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -257,13 +318,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("processName", "PROCESS"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List active network connections",
         help: "TCP and UDP sockets with their owning process, like netstat.",
         examples: &["connections", "connections -output json"],
     },
     CommandSpec {
         name: "dir",
+        aliases: &[],
+        hints: &["ls"],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[optional(
             "path",
@@ -280,13 +345,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("modified", "MODIFIED"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List the files and subdirectories of a directory",
         help: "Lists one directory, not recursively; use findfile to search a tree.",
         examples: &["dir", "dir \"C:\\Program Files\" -full_path", "dir /etc"],
     },
     CommandSpec {
         name: "drivers",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -299,13 +368,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("state", "STATE"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List loaded drivers and kernel modules",
         help: "Windows drivers, Linux kernel modules or macOS kernel extensions.",
         examples: &["drivers"],
     },
     CommandSpec {
         name: "fileinfo",
+        aliases: &[],
+        hints: &["stat"],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[required("path", ValueKind::Path, "File to describe.")],
         named: NONE_PARAMS,
@@ -320,6 +393,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("mode", "MODE"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Show size, hashes, owner and times of a file",
         help: "Hashes the whole file; getfile -auto runs it first so the download can be verified.",
         examples: &[
@@ -329,7 +403,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "findfile",
+        aliases: &[],
+        hints: &["find"],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[required(
             "name",
@@ -361,6 +438,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("modified", "MODIFIED"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Long,
         summary: "Search the file system for files by name",
         help: "Walks the tree below -root and lists files whose name matches; large trees take time, so bound it with -max_results or -timeout_seconds, or run it in the background.",
         examples: &[
@@ -371,7 +449,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "help",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Console,
         platforms: ALL,
         positional: &[
             optional("command", ValueKind::Text, "Command to describe."),
@@ -384,15 +465,20 @@ static REGISTRY: &[CommandSpec] = &[
         named: NONE_PARAMS,
         flags: NONE_FLAGS,
         prerequisites: &[],
-        columns: &[col("command", "COMMAND"), col("summary", "SUMMARY")],
+        // The help text itself, one record per line: the same answer everywhere.
+        columns: &[col("text", "HELP")],
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "List commands, or describe one",
         help: "Without a command, lists every command with a one-line summary; with one, shows its usage, parameters and examples.",
         examples: &["help", "help getfile", "help library delete"],
     },
     CommandSpec {
         name: "status",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Console,
         platforms: ALL,
         positional: &[optional(
             "id",
@@ -410,13 +496,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("duration", "DURATION"),
         ],
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "Show the status of commands in this session",
         help: "Reads the Command log of the session: phase, start time and duration of each command.",
         examples: &["status", "status 3"],
     },
     CommandSpec {
         name: "persistence",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -429,13 +519,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("command", "COMMAND"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List known persistence mechanisms",
         help: "Run keys, services, scheduled tasks, WMI subscriptions, cron, systemd units, launchd agents, shell profiles and similar autostart locations.",
         examples: &["persistence", "persistence -output json > persistence.json"],
     },
     CommandSpec {
         name: "processes",
+        aliases: &[],
+        hints: &["ps"],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: &[
@@ -461,6 +555,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("commandLine", "COMMAND LINE"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List running processes",
         help: "Every process with its parent, owner, memory use and command line.",
         examples: &[
@@ -471,7 +566,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "registry",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: WINDOWS,
         positional: &[optional(
             "key",
@@ -488,6 +586,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("data", "DATA"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Show the values and subkeys of a registry key",
         help: "Windows only.",
         examples: &[
@@ -497,7 +596,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "scheduledtasks",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[optional("name", ValueKind::Text, "Show only this task.")],
         named: NONE_PARAMS,
@@ -510,6 +612,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("source", "SOURCE"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List scheduled tasks",
         help: "Task Scheduler on Windows, cron and systemd timers on Linux, launchd jobs on macOS.",
         examples: &[
@@ -519,7 +622,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "services",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[optional("name", ValueKind::Text, "Show only this service.")],
         named: NONE_PARAMS,
@@ -532,13 +638,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("description", "DESCRIPTION"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List services and their state",
         help: "Windows services, systemd units on Linux, launchd daemons on macOS.",
         examples: &["services", "services sshd"],
     },
     CommandSpec {
         name: "startupfolders",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -551,13 +661,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("user", "USER"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List the contents of startup folders",
         help: "Windows Startup folders, XDG autostart directories on Linux, login items on macOS.",
         examples: &["startupfolders"],
     },
     CommandSpec {
         name: "trace",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Basic,
+        handler: Handler::Agent,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: &[optional(
@@ -569,6 +683,7 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: &[col("level", "LEVEL")],
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "Show or set the agent's log level for this session",
         help: "Raise it to debug while troubleshooting a command that fails.",
         examples: &["trace", "trace -level debug"],
@@ -576,7 +691,10 @@ static REGISTRY: &[CommandSpec] = &[
     // ---- Console ----
     CommandSpec {
         name: "cls",
+        aliases: &[],
+        hints: &["clear"],
         tier: Tier::Console,
+        handler: Handler::Console,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -584,13 +702,17 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: NONE_COLUMNS,
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "Clear the console screen",
         help: "Only affects the local terminal.",
         examples: &["cls"],
     },
     CommandSpec {
         name: "connect",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Console,
+        handler: Handler::Console,
         platforms: ALL,
         positional: &[required(
             "device",
@@ -606,6 +728,7 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: NONE_COLUMNS,
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "Open a live response session with a device",
         help: "Creates a LiveResponseSession and waits until it is Connected; ends the current session first.",
         examples: &[
@@ -615,7 +738,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "jobs",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Console,
+        handler: Handler::Console,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -628,13 +754,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("started", "STARTED"),
         ],
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "List the commands running in the background",
         help: "Bring one to the foreground with fg ID.",
         examples: &["jobs"],
     },
     CommandSpec {
         name: "fg",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Console,
+        handler: Handler::Console,
         platforms: ALL,
         positional: &[required(
             "id",
@@ -646,13 +776,17 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: NONE_COLUMNS,
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "Wait for a background command and show its output",
         help: "Ctrl-C stops waiting without cancelling the command.",
         examples: &["fg 3"],
     },
     CommandSpec {
         name: "exit",
+        aliases: &["disconnect"],
+        hints: &["quit", "logout"],
         tier: Tier::Console,
+        handler: Handler::Console,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -660,6 +794,7 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: NONE_COLUMNS,
         background_allowed: false,
+        timeout: TimeoutClass::Normal,
         summary: "End the session and leave the console",
         help: "Sets the session to Disconnected; background commands keep running until they finish.",
         examples: &["exit"],
@@ -667,7 +802,10 @@ static REGISTRY: &[CommandSpec] = &[
     // ---- Advanced ----
     CommandSpec {
         name: "analyze",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[
             required(
@@ -687,6 +825,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("details", "DETAILS"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Analyse an entity and give a verdict",
         help: "Checks the file behind the entity (the file itself, a process image, a service binary, a task action...) against the configured engines.",
         examples: &[
@@ -696,7 +835,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "collect",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -708,13 +850,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("sha256", "SHA256"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Collect an investigation package",
         help: "Gathers logs, autoruns, processes, connections and system information into one archive and uploads it to the artifact store.",
         examples: &["collect &"],
     },
     CommandSpec {
         name: "getfile",
+        aliases: &[],
+        hints: &["download"],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[required("path", ValueKind::Path, "File to download.")],
         named: NONE_PARAMS,
@@ -730,6 +876,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("artifact", "ARTIFACT"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Long,
         summary: "Download a file from the device",
         help: "Streams the file to the artifact store, verified by sha256; fetch it with `kubectl liveresponse download`. Bounded by the maxFileSize setting.",
         examples: &[
@@ -739,7 +886,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "isolate",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -747,13 +897,17 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: &[col("state", "STATE"), col("message", "MESSAGE")],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Cut the device off the network, except for live response",
         help: "Blocks all traffic but the agent's connection; undo with release.",
         examples: &["isolate"],
     },
     CommandSpec {
         name: "release",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -761,13 +915,17 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: &[col("state", "STATE"), col("message", "MESSAGE")],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Release the device from isolation",
         help: "Restores the network configuration that isolate replaced.",
         examples: &["release"],
     },
     CommandSpec {
         name: "library",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Operator,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -781,13 +939,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("phase", "PHASE"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List the library files that run and putfile can use",
         help: "Shows the LibraryFile resources of this namespace; add one with kubectl apply or `kubectl liveresponse library upload`.",
         examples: &["library"],
     },
     CommandSpec {
         name: "library delete",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Operator,
         platforms: ALL,
         positional: &[required(
             "name",
@@ -799,13 +961,17 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: &[col("fileName", "FILE"), col("state", "STATE")],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Delete a file from the library",
         help: "Deletes the LibraryFile resource; devices that already received it keep their copy.",
         examples: &["library delete collect-logs.ps1"],
     },
     CommandSpec {
         name: "putfile",
+        aliases: &[],
+        hints: &["upload"],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[required(
             "name",
@@ -830,6 +996,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("sha256", "SHA256"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Copy a library file to the device",
         help: "The agent checks the sha256 and, unless unsigned scripts are allowed, the signature before writing the file to its downloads directory, which is emptied when the session ends.",
         examples: &[
@@ -839,7 +1006,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "remediate",
+        aliases: &[],
+        hints: &["kill"],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[
             required(
@@ -854,6 +1024,7 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &["analyze"],
         columns: AUTO_REMEDIATION_COLUMNS,
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Remediate an entity (quarantine, kill, disable, remove)",
         help: "Quarantines a file, kills a process, stops and disables a service, removes a registry value, scheduled task or startup item. The agent journals a backup first, so undo can reverse it.",
         examples: &[
@@ -864,7 +1035,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "remediate list",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
@@ -878,13 +1052,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("time", "TIME"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "List the remediations the agent has journaled",
         help: "Everything undo can reverse on this device.",
         examples: &["remediate list"],
     },
     CommandSpec {
         name: "run",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[required(
             "name",
@@ -904,6 +1082,7 @@ static REGISTRY: &[CommandSpec] = &[
             col("stderr", "STDERR"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Long,
         summary: "Run a library script on the device",
         help: "The script is verified like putfile, then started without a shell, so its parameters need no escaping beyond the console's quotes.",
         examples: &[
@@ -913,7 +1092,10 @@ static REGISTRY: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "scan",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[optional(
             "path",
@@ -929,13 +1111,17 @@ static REGISTRY: &[CommandSpec] = &[
             col("action", "ACTION"),
         ],
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Run an antivirus scan",
         help: "Uses the device's antivirus engine and reports what it found.",
         examples: &["scan", "scan /home &"],
     },
     CommandSpec {
         name: "undo",
+        aliases: &[],
+        hints: &[],
         tier: Tier::Advanced,
+        handler: Handler::Provider,
         platforms: ALL,
         positional: &[
             required(
@@ -954,6 +1140,7 @@ static REGISTRY: &[CommandSpec] = &[
         prerequisites: &[],
         columns: AUTO_REMEDIATION_COLUMNS,
         background_allowed: true,
+        timeout: TimeoutClass::Normal,
         summary: "Reverse a remediation",
         help: "Restores the entity from the agent's journal (see remediate list). A killed process cannot be brought back.",
         examples: &[
@@ -973,12 +1160,35 @@ pub fn find(name: &str) -> Option<&'static CommandSpec> {
     REGISTRY.iter().find(|s| s.name.eq_ignore_ascii_case(name))
 }
 
-/// Distinct first words of the advanced commands, sorted: what the admission policy
-/// must treat as advanced in `Command.spec.command`.
-pub fn advanced_verbs() -> Vec<&'static str> {
+/// The one-word command that `word` is an alias of (`disconnect` → `exit`).
+pub fn alias_of(word: &str) -> Option<&'static CommandSpec> {
+    REGISTRY
+        .iter()
+        .find(|s| s.aliases.iter().any(|a| a.eq_ignore_ascii_case(word)))
+}
+
+/// The command a word from another shell hints at (`ls` → `dir`).
+pub fn hinted_by(word: &str) -> Option<&'static CommandSpec> {
+    REGISTRY
+        .iter()
+        .find(|s| s.hints.iter().any(|h| h.eq_ignore_ascii_case(word)))
+}
+
+/// Default timeout class of a Command's `spec.command`: [`TimeoutClass::Long`] when any
+/// command of that word is long, so a sub-command never gets less time than its verb.
+/// An unknown verb is [`TimeoutClass::Normal`] (the parser refuses it anyway).
+pub fn timeout_class(verb: &str) -> TimeoutClass {
+    family(verb)
+        .map(|s| s.timeout)
+        .max()
+        .unwrap_or(TimeoutClass::Normal)
+}
+
+/// Distinct first words of the commands that pass `keep`, sorted.
+fn verbs_where(keep: impl Fn(&CommandSpec) -> bool) -> Vec<&'static str> {
     let mut verbs: Vec<&'static str> = REGISTRY
         .iter()
-        .filter(|s| s.tier == Tier::Advanced)
+        .filter(|s| keep(s))
         .map(CommandSpec::verb)
         .collect();
     verbs.sort_unstable();
@@ -986,12 +1196,44 @@ pub fn advanced_verbs() -> Vec<&'static str> {
     verbs
 }
 
+/// Distinct first words of the advanced commands, sorted: what the admission policy
+/// must treat as advanced in `Command.spec.command`.
+pub fn advanced_verbs() -> Vec<&'static str> {
+    verbs_where(|s| s.tier == Tier::Advanced)
+}
+
+/// Verbs that only the console understands (`cls`, `jobs`...): never a Command.
+pub fn console_verbs() -> Vec<&'static str> {
+    verbs_where(|s| !s.is_command())
+}
+
+/// Verbs a Command may carry: every verb but the console's own.
+pub fn command_verbs() -> Vec<&'static str> {
+    verbs_where(CommandSpec::is_command)
+}
+
+/// Names of the commands this handler answers, in registry order.
+pub fn handled_by(handler: Handler) -> Vec<&'static str> {
+    REGISTRY
+        .iter()
+        .filter(|s| s.handler == handler)
+        .map(|s| s.name)
+        .collect()
+}
+
+/// Names of the commands the agent answers itself when a Command carries them
+/// ([`CommandSpec::answered_by_agent`]), in registry order.
+pub fn agent_commands() -> Vec<&'static str> {
+    REGISTRY
+        .iter()
+        .filter(|s| s.answered_by_agent())
+        .map(|s| s.name)
+        .collect()
+}
+
 /// Distinct first words of all commands, sorted (for completion and suggestions).
 pub fn verbs() -> Vec<&'static str> {
-    let mut verbs: Vec<&'static str> = REGISTRY.iter().map(CommandSpec::verb).collect();
-    verbs.sort_unstable();
-    verbs.dedup();
-    verbs
+    verbs_where(|_| true)
 }
 
 /// The commands that share a first word, in registry order (`library`, `library delete`).

@@ -1176,3 +1176,102 @@ fn registry_serializes() {
         "\"json\""
     );
 }
+
+#[test]
+fn long_timeouts_are_the_designs() {
+    let long: Vec<&str> = registry()
+        .iter()
+        .filter(|s| s.timeout == TimeoutClass::Long)
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(long, ["findfile", "getfile", "run"]);
+    assert_eq!(timeout_class("getfile"), TimeoutClass::Long);
+    assert_eq!(timeout_class("processes"), TimeoutClass::Normal);
+    assert_eq!(timeout_class("library"), TimeoutClass::Normal);
+    assert_eq!(timeout_class("no-such-verb"), TimeoutClass::Normal);
+}
+
+#[test]
+fn handlers_partition_the_registry() {
+    assert_eq!(
+        handled_by(Handler::Console),
+        ["help", "status", "cls", "connect", "jobs", "fg", "exit"]
+    );
+    assert_eq!(handled_by(Handler::Agent), ["trace"]);
+    assert_eq!(handled_by(Handler::Operator), ["library", "library delete"]);
+    let total: usize = [
+        Handler::Console,
+        Handler::Operator,
+        Handler::Agent,
+        Handler::Provider,
+    ]
+    .into_iter()
+    .map(|h| handled_by(h).len())
+    .sum();
+    assert_eq!(total, registry().len());
+    // Console-tier commands are answered by the console and nowhere else.
+    for s in registry().iter().filter(|s| s.tier == Tier::Console) {
+        assert_eq!(s.handler, Handler::Console, "{}", s.name);
+        assert!(!s.answered_by_agent(), "{}", s.name);
+    }
+    assert_eq!(agent_commands(), ["help", "status", "trace"]);
+    assert_eq!(
+        console_verbs(),
+        ["cls", "connect", "exit", "fg", "jobs"],
+        "the admission policy's console list"
+    );
+    for v in command_verbs() {
+        assert!(!console_verbs().contains(&v), "{v}");
+    }
+}
+
+#[test]
+fn aliases_run_their_command_and_hints_only_suggest() {
+    for line in ["disconnect", "DISCONNECT"] {
+        let parsed = parse_line(line).map(|l| l.invocation.spec.name);
+        assert_eq!(parsed, Ok("exit"), "{line}");
+    }
+    assert!(parse_line("disconnect now").is_err());
+    assert_eq!(
+        help_for("disconnect").map(|h| h.starts_with("exit")),
+        Ok(true)
+    );
+    assert!(
+        help_for("exit").is_ok_and(|h| h.contains("Also typed as: disconnect")),
+        "{:?}",
+        help_for("exit")
+    );
+    // A hint is not a command.
+    assert!(parse_line("ls").is_err());
+    assert_eq!(hinted_by("PS").map(|s| s.name), Some("processes"));
+    assert_eq!(alias_of("ls"), None);
+    // No word is two things at once.
+    let mut words: Vec<&str> = verbs();
+    for s in registry() {
+        words.extend(s.aliases);
+        words.extend(s.hints);
+    }
+    let all = words.len();
+    words.sort_unstable();
+    words.dedup();
+    assert_eq!(
+        words.len(),
+        all,
+        "a word is both a verb, an alias or a hint"
+    );
+}
+
+#[test]
+fn help_answer_is_the_overview_or_the_topic() {
+    let answer = |line: &str| {
+        parse_line(line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| help_answer(&l.invocation).map_err(|e| e.to_string()))
+    };
+    assert_eq!(answer("help"), Ok(help_overview()));
+    assert_eq!(
+        answer("help library delete"),
+        help_for("library delete").map_err(|e| e.to_string())
+    );
+    assert!(answer("help nosuch").is_err_and(|e| e.contains("unknown command")));
+}

@@ -75,18 +75,8 @@ pub struct CommandSpec {
     pub cancel: bool,
 }
 
-/// Output format of a command.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputFormat {
-    /// The main columns as a text table.
-    #[default]
-    Table,
-    /// Every field of every record as JSON.
-    Json,
-}
+/// The command language's own type: `spec.output` and the console's `-output` are one thing.
+pub use crate::command::OutputFormat;
 
 /// Lifecycle of a command.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]

@@ -17,7 +17,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use liveresponse_api::command::{Invocation, OutputFormat as ParsedFormat, parse_command};
+use liveresponse_api::command::{Invocation, TimeoutClass, parse_command};
 use liveresponse_api::crd::{
     Command, CommandError, CommandOutput, CommandPhase, CommandStatus, CommandStep,
     LiveResponseSession, OutputFormat, REQUESTED_BY_ANNOTATION, SessionPhase, SettingsSpec, Time,
@@ -34,9 +34,6 @@ use crate::status::set_condition;
 /// How long the operator waits for an agent to confirm a cancel before it records the
 /// command Cancelled anyway.
 pub const CANCEL_CONFIRM: Duration = Duration::from_secs(10);
-
-/// Verbs whose default timeout is the settings' longCommandTimeout.
-const LONG_VERBS: &[&str] = &["getfile", "findfile", "run"];
 
 /// The namespace's limits that concern commands, parsed.
 #[derive(Clone, Debug, PartialEq)]
@@ -205,7 +202,7 @@ pub fn timeout_of(c: &Command, parsed: Option<&Invocation>, limits: &Limits) -> 
     if let Some(t) = c.spec.timeout_seconds {
         return Duration::from_secs(u64::try_from(t).unwrap_or(1).max(1));
     }
-    if parsed.is_some_and(|i| LONG_VERBS.contains(&i.spec.name)) {
+    if parsed.is_some_and(|i| i.spec.timeout == TimeoutClass::Long) {
         limits.long_command_timeout
     } else {
         limits.command_timeout
@@ -241,11 +238,7 @@ pub fn current_execution(c: &Command, parsed: Option<&Invocation>) -> Execution 
 
 /// The format `status.output` is rendered in: `-output` typed as an argument wins.
 pub fn format_of(c: &Command, parsed: Option<&Invocation>) -> OutputFormat {
-    match parsed.and_then(|i| i.output) {
-        Some(ParsedFormat::Json) => OutputFormat::Json,
-        Some(ParsedFormat::Table) => OutputFormat::Table,
-        None => c.spec.output,
-    }
+    parsed.and_then(|i| i.output).unwrap_or(c.spec.output)
 }
 
 /// Decides the next step of a command's life. Pure: every fact comes in `o`.

@@ -465,7 +465,7 @@ fn is_within(path: &str, dir: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::{PermissionsExt, symlink};
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use sha2::Digest;
 
@@ -747,8 +747,9 @@ mod tests {
         assert_eq!(err.reason(), "InvalidArgument");
     }
 
-    /// 200 folders of 100 files; listing each folder is slowed down so the walk takes
-    /// far longer than the 50 ms after which another thread cancels it.
+    /// 200 folders of 100 files; the cancel arrives while the 20th folder is being listed.
+    /// Counting the folders listed after it, rather than timing the stop, keeps the test
+    /// exact on a loaded machine.
     #[test]
     fn findfile_stops_quickly_when_cancelled() {
         let dir = tempfile::tempdir().unwrap();
@@ -760,23 +761,28 @@ mod tests {
             }
         }
         let ctx = ctx(dir.path());
-        let slow = |path: &Path| {
-            std::thread::sleep(Duration::from_millis(5));
+        let listed = AtomicUsize::new(0);
+        let listed_after_cancel = AtomicUsize::new(0);
+        let cancelled = ctx.cancelled.clone();
+        let cancelling = |path: &Path| {
+            if cancelled.load(Ordering::SeqCst) {
+                listed_after_cancel.fetch_add(1, Ordering::SeqCst);
+            }
+            if listed.fetch_add(1, Ordering::SeqCst) + 1 == 20 {
+                // From another thread, as the executor does it.
+                let flag = cancelled.clone();
+                std::thread::spawn(move || flag.store(true, Ordering::SeqCst))
+                    .join()
+                    .unwrap();
+            }
             list_dir(path)
         };
-        let cancelled = ctx.cancelled.clone();
-        let canceller = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            cancelled.store(true, Ordering::Relaxed);
-            Instant::now()
-        });
         // Matches nothing, so neither -max_results nor the end of the tree stops it first.
         let inv = inv("findfile", &["no-such-file"]);
-        let result = findfile_with(&ctx, &inv, &slow).map(|r| r.warnings);
-        let done = Instant::now();
-        let cancelled_at = canceller.join().unwrap();
+        let result = findfile_with(&ctx, &inv, &cancelling).map(|r| r.warnings);
         assert!(matches!(result, Err(ExecError::Cancelled)), "{result:?}");
-        assert!(done.duration_since(cancelled_at) < Duration::from_millis(100));
+        assert_eq!(listed.load(Ordering::SeqCst), 20);
+        assert_eq!(listed_after_cancel.load(Ordering::SeqCst), 0);
 
         // The real walker over the same 20k files honours a cancel set before it starts.
         let err = run(&ctx, "findfile", &["*"]).unwrap_err();

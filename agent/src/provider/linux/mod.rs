@@ -17,9 +17,8 @@ mod persistence;
 mod processes;
 mod system;
 
-/// The device commands this provider answers; the executor handles the console-side
-/// ones (help, status, trace, jobs...) and the advanced ones that move files or change
-/// the device.
+/// The device commands this provider implements so far, all with `Handler::Provider` in
+/// the registry (a test checks it); the registry says who answers the others.
 const COMMANDS: &[&str] = &[
     "cd",
     "connections",
@@ -191,6 +190,11 @@ mod tests {
             let spec = liveresponse_api::command::find(name).unwrap();
             assert!(spec.supports(liveresponse_api::command::Platform::Linux));
             assert_eq!(spec.tier, liveresponse_api::command::Tier::Basic);
+            assert_eq!(
+                spec.handler,
+                liveresponse_api::command::Handler::Provider,
+                "{name} is not the provider's to answer"
+            );
         }
         assert!(!provider.capabilities().contains(&"registry"));
     }

@@ -160,6 +160,24 @@ mod tests {
         }
     }
 
+    /// Polls until the process's arguments include `arg`; panics after a generous deadline
+    /// so a process that never gets there fails the test instead of hanging it.
+    fn wait_for_cmdline(pid: u32, arg: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {pid} did not show argument {arg} within 10 s: {:?}",
+                String::from_utf8_lossy(&cmdline)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn finds_a_spawned_process_by_pid_and_name() {
         let marker = "31.4159";
@@ -170,6 +188,10 @@ mod tests {
                 .unwrap(),
         );
         let pid = child.0.id();
+        // `spawn` returns once exec has passed its point of no return, when the kernel has
+        // set the new name and executable but may not yet have set up the arguments: until
+        // then /proc/PID/cmdline is empty. Wait for the state asserted below.
+        wait_for_cmdline(pid, marker);
         let dir = tempfile::tempdir().unwrap();
         write(
             dir.path(),
