@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 /// A fresh per-test folder under `e2e/.state/roots` that serves as an agent's host root.
 pub fn host_root(name: &str) -> Result<PathBuf> {
@@ -47,4 +47,34 @@ pub fn empty_files(
         std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
     }
     Ok(())
+}
+
+/// A read-only tree that is slow to create (a hundred thousand entries), built once by
+/// `build` under `e2e/.state/fixtures/NAME` and reused by later runs. Change NAME when
+/// `build` changes. Tests may use it as a host root but must not change it.
+pub fn cached_tree(name: &str, build: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let dir = crate::repo_root().join("e2e/.state/fixtures");
+    let done = dir.join(name);
+    if done.join(".complete").exists() {
+        return Ok(done);
+    }
+    let tmp = dir.join(format!("{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    build(&tmp).with_context(|| format!("building the fixture {name}"))?;
+    std::fs::write(tmp.join(".complete"), "")?;
+    // A half-built tree of an interrupted run has no stamp: replace it.
+    if done.exists() && !done.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&done);
+    }
+    if std::fs::rename(&tmp, &done).is_err() {
+        // Another run finished first; its tree is as good as ours.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    ensure!(
+        done.join(".complete").exists(),
+        "the fixture {} is incomplete",
+        done.display()
+    );
+    Ok(done)
 }

@@ -111,11 +111,12 @@ async fn serve(
             },
         };
         loop {
+            let for_conn = cut.clone();
             tokio::select! {
                 r = l.accept() => {
                     if let Ok((down, _)) = r {
                         accepted.fetch_add(1, Ordering::SeqCst);
-                        tokio::spawn(pipe(down, upstream, cut.clone()));
+                        tokio::spawn(pipe(down, upstream, for_conn));
                     }
                 }
                 r = cut.wait_for(|c| *c) => {
