@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use e2e::eventually;
 use e2e::fixture::{self, write};
 use e2e::lr::{self, Cmd};
 use e2e::process::RssSampler;
 use e2e::proxy::TcpProxy;
-use e2e::eventually;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use liveresponse_api::crd::{Command, CommandPhase, LiveResponseSession, SessionPhase};
@@ -167,7 +167,11 @@ pub async fn stalled_agent_does_not_stall_other_tenants(env: &'static Env) -> Re
         Err(e) => {
             let all = api.list(&Default::default()).await?;
             let mut open: BTreeMap<String, usize> = BTreeMap::new();
-            for c in all.items.iter().filter(|c| c.name_any().starts_with("piled-")) {
+            for c in all
+                .items
+                .iter()
+                .filter(|c| c.name_any().starts_with("piled-"))
+            {
                 if !lr::phase(c).is_some_and(CommandPhase::is_final) {
                     *open.entry(phase_or_none(c)).or_default() += 1;
                 }
@@ -192,7 +196,9 @@ pub async fn stalled_agent_does_not_stall_other_tenants(env: &'static Env) -> Re
     for c in &piled {
         let ok = match lr::phase(c) {
             Some(CommandPhase::Succeeded) => true,
-            Some(CommandPhase::Failed) => lr::error(c).is_some_and(|e| e.reason == "DeviceDisconnected"),
+            Some(CommandPhase::Failed) => {
+                lr::error(c).is_some_and(|e| e.reason == "DeviceDisconnected")
+            }
             _ => false,
         };
         let key = format!(
@@ -285,7 +291,11 @@ pub async fn brief_disconnect_keeps_running_commands(env: &'static Env) -> Resul
             ),
             _ => {}
         }
-        ensure!(created.elapsed() < T, "findfile never started: {}", phase_or_none(&c));
+        ensure!(
+            created.elapsed() < T,
+            "findfile never started: {}",
+            phase_or_none(&c)
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let accepted = proxy.accepted();
@@ -502,7 +512,9 @@ pub async fn cd_then_dir_always_sees_the_new_folder(env: &'static Env) -> Result
     for i in 0..PAIRS {
         let folder = format!("/d/dir-{i:02}");
         let (cd, dir) = (format!("cd-{i:02}"), format!("dir-{i:02}"));
-        Cmd::new("s", "cd", &[&folder]).create(&client, ns, &cd).await?;
+        Cmd::new("s", "cd", &[&folder])
+            .create(&client, ns, &cd)
+            .await?;
         // Only the id is awaited: it fixes the order without waiting for the work.
         ids.push((cd.clone(), lr::wait_id(&client, ns, &cd, T).await?));
         Cmd::new("s", "dir", &[]).create(&client, ns, &dir).await?;
@@ -542,7 +554,9 @@ pub async fn cd_then_dir_always_sees_the_new_folder(env: &'static Env) -> Result
             .find(|c| c.name_any() == format!("dir-{i:02}"))
             .context("a dir command is gone")?;
         let id = lr::id(dir).context("dir without id")?;
-        let before = by_id.get(&(id - 1)).context("no command right before the dir")?;
+        let before = by_id
+            .get(&(id - 1))
+            .context("no command right before the dir")?;
         ensure!(
             before.name_any() == format!("cd-{i:02}"),
             "the command before dir-{i:02} (id {id}) is {}",
@@ -614,7 +628,10 @@ pub async fn large_outputs_are_summarized_in_bounded_memory(env: &'static Env) -
 
     let client = setup(env, ns, "bulky", &root, "").await?;
     session(&client, ns, "s", "bulky").await?;
-    let operator = env.stack.operator_pid().context("the operator is not running")?;
+    let operator = env
+        .stack
+        .operator_pid()
+        .context("the operator is not running")?;
     let sampler = RssSampler::start(operator, Duration::from_millis(100), Duration::from_secs(1))?;
     let started = Instant::now();
     let names: Vec<String> = (0..BURST).map(|i| format!("big-{i:02}")).collect();
@@ -673,10 +690,7 @@ pub async fn large_outputs_are_summarized_in_bounded_memory(env: &'static Env) -
             !out.content.is_empty() && full.starts_with(&out.content),
             "{}: the inline content is not the start of the output; first differing line: {:?}",
             c.name_any(),
-            out.content
-                .lines()
-                .zip(full.lines())
-                .find(|(a, b)| a != b)
+            out.content.lines().zip(full.lines()).find(|(a, b)| a != b)
         );
         ensure!(
             out.size == size as i64,
