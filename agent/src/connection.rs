@@ -123,7 +123,8 @@ impl Connector {
                 }
                 Some(operator_message::Msg::Execute(e)) => self.executor.execute(e).await,
                 Some(operator_message::Msg::Cancel(c)) => {
-                    self.executor.cancel(&c.command_uid, &c.reason)
+                    let why = c.reason();
+                    self.executor.cancel(&c.command_uid, why)
                 }
                 Some(operator_message::Msg::Reject(r)) => {
                     break Ended::Fatal(anyhow!("the gateway refused this agent: {}", r.reason));

@@ -11,19 +11,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use liveresponse_api::command::{Invocation, parse_command};
+use liveresponse_api::command::{Invocation, OutputFormat, parse_command};
 use liveresponse_api::proto::{
-    AgentMessage, CommandEvent, Completed, Execute, Outcome, OutputChunk, Started, agent_message,
-    command_event,
+    self, AgentMessage, CancelReason, CommandEvent, Completed, Execute, Outcome, OutputChunk,
+    agent_message, command_event,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::provider::{CommandResult, ExecContext, ExecError, Provider};
 
 /// Commands the executor answers without the provider.
 pub const AGENT_COMMANDS: &[&str] = &["help", "status", "trace"];
-/// How many finished results are kept for replay.
+/// How many finished results are kept for replay, and how many bytes of output in all: a
+/// result evicted here is not lost for good, it only cannot be replayed (the operator fails
+/// the command if it never arrived).
 const REMEMBERED: usize = 512;
+const REMEMBERED_BYTES: usize = 64 * 1024 * 1024;
 /// Output travels in chunks of this size.
 const CHUNK: usize = 256 * 1024;
 
@@ -32,7 +36,7 @@ pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 struct Job {
     cancelled: Arc<AtomicBool>,
-    reason: Arc<Mutex<Option<String>>>,
+    reason: Arc<Mutex<Option<CancelReason>>>,
     started: Instant,
     line: String,
 }
@@ -41,6 +45,7 @@ struct Job {
 struct State {
     running: HashMap<String, Job>,
     done: HashMap<String, Vec<AgentMessage>>,
+    done_bytes: usize,
     order: VecDeque<String>,
     sender: Option<mpsc::Sender<AgentMessage>>,
 }
@@ -135,8 +140,6 @@ impl Executor {
         let cancelled = job.cancelled.clone();
         let reason = job.reason.clone();
         self.state().running.insert(uid.clone(), job);
-        self.send(event(&uid, command_event::Event::Started(Started {})))
-            .await;
         let me = self.clone();
         tokio::spawn(async move {
             tracing::info!(%uid, command = %exec.command, session = %exec.session, "running");
@@ -144,11 +147,15 @@ impl Executor {
             {
                 let mut st = me.state();
                 st.running.remove(&uid);
+                st.done_bytes += events_size(&events);
                 st.done.insert(uid.clone(), events.clone());
                 st.order.push_back(uid.clone());
-                while st.order.len() > REMEMBERED {
-                    if let Some(old) = st.order.pop_front() {
-                        st.done.remove(&old);
+                while st.order.len() > REMEMBERED || st.done_bytes > REMEMBERED_BYTES {
+                    let Some(old) = st.order.pop_front() else {
+                        break;
+                    };
+                    if let Some(ev) = st.done.remove(&old) {
+                        st.done_bytes = st.done_bytes.saturating_sub(events_size(&ev));
                     }
                 }
             }
@@ -159,12 +166,12 @@ impl Executor {
     }
 
     /// Stops a running command: the provider sees the flag and returns.
-    pub fn cancel(&self, uid: &str, why: &str) {
+    pub fn cancel(&self, uid: &str, why: CancelReason) {
         let st = self.state();
         if let Some(job) = st.running.get(uid) {
-            tracing::info!(%uid, reason = why, "stopping");
+            tracing::info!(%uid, reason = why.as_str_name(), "stopping");
             if let Ok(mut r) = job.reason.lock() {
-                *r = Some(why.to_string());
+                *r = Some(why);
             }
             job.cancelled.store(true, Ordering::SeqCst);
         }
@@ -174,7 +181,7 @@ impl Executor {
         self: &Arc<Self>,
         exec: &Execute,
         cancelled: Arc<AtomicBool>,
-        reason: Arc<Mutex<Option<String>>>,
+        reason: Arc<Mutex<Option<CancelReason>>>,
     ) -> Vec<AgentMessage> {
         let uid = exec.command_uid.clone();
         let inv = match parse_command(&exec.command, &exec.args) {
@@ -182,6 +189,14 @@ impl Executor {
             Err(e) => return failed(&uid, "ParseError", &e.to_string()),
         };
         let name = inv.spec.name;
+        // `-output json` typed as an argument wins over the Command's spec.output.
+        let format =
+            inv.output
+                .unwrap_or(match proto::OutputFormat::try_from(exec.output_format) {
+                    Ok(proto::OutputFormat::Json) => OutputFormat::Json,
+                    _ => OutputFormat::Table,
+                });
+        let spec = inv.spec;
         let result = if AGENT_COMMANDS.contains(&name) {
             self.agent_command(&inv)
         } else if !self.provider.capabilities().contains(&name) {
@@ -218,15 +233,25 @@ impl Executor {
             }
         };
         match result {
-            Ok(r) => succeeded(&uid, r),
+            Ok(r) => {
+                let text = liveresponse_api::output::render(spec, &r.records, format);
+                let limit = usize::try_from(exec.max_output_bytes).unwrap_or(usize::MAX);
+                if exec.max_output_bytes > 0 && text.len() > limit {
+                    let msg = format!(
+                        "the output is {} bytes, more than this namespace's maxOutputSize ({} bytes): narrow the command (a smaller folder, -name) or ask a settings admin to raise maxOutputSize",
+                        text.len(),
+                        exec.max_output_bytes
+                    );
+                    return failed(&uid, "OutputTooLarge", &msg);
+                }
+                succeeded(&uid, text.into_bytes(), r.working_directory, r.warnings)
+            }
             Err(ExecError::Cancelled) => {
-                let why = reason
-                    .lock()
-                    .ok()
-                    .and_then(|r| r.clone())
-                    .unwrap_or_default();
-                let (outcome, text) = if why == "timed out" {
+                let why = reason.lock().ok().and_then(|r| *r);
+                let (outcome, text) = if why == Some(CancelReason::Timeout) {
                     (Outcome::TimedOut, "stopped: the command timed out")
+                } else if why == Some(CancelReason::SessionEnded) {
+                    (Outcome::Cancelled, "stopped: the session ended")
                 } else {
                     (Outcome::Cancelled, "stopped: the command was cancelled")
                 };
@@ -327,8 +352,25 @@ fn failed(uid: &str, reason: &str, message: &str) -> Vec<AgentMessage> {
     completed(uid, Outcome::Failed, 1, reason, message)
 }
 
-fn succeeded(uid: &str, r: CommandResult) -> Vec<AgentMessage> {
-    let data = serde_json::to_vec(&r.records).unwrap_or_else(|_| b"[]".to_vec());
+fn events_size(events: &[AgentMessage]) -> usize {
+    events
+        .iter()
+        .map(|e| match &e.msg {
+            Some(agent_message::Msg::Event(CommandEvent {
+                event: Some(command_event::Event::Output(c)),
+                ..
+            })) => c.data.len(),
+            _ => 64,
+        })
+        .sum()
+}
+
+fn succeeded(
+    uid: &str,
+    data: Vec<u8>,
+    working_directory: Option<String>,
+    warnings: Vec<String>,
+) -> Vec<AgentMessage> {
     let mut events: Vec<AgentMessage> = data
         .chunks(CHUNK)
         .map(|c| {
@@ -343,9 +385,10 @@ fn succeeded(uid: &str, r: CommandResult) -> Vec<AgentMessage> {
         command_event::Event::Completed(Completed {
             outcome: Outcome::Succeeded as i32,
             exit_code: 0,
-            working_directory: r.working_directory.unwrap_or_default(),
-            warnings: r.warnings,
+            working_directory: working_directory.unwrap_or_default(),
+            warnings,
             output_size: data.len() as u64,
+            output_sha256: hex::encode(Sha256::digest(&data)),
             ..Default::default()
         }),
     ));

@@ -5,4 +5,6 @@
 tonic::include_proto!("liveresponse.agent.v1");
 
 /// Version of the protocol this build speaks. The gateway refuses an agent with another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: typed cancel reasons, output rendered by the agent and checked by size and
+/// sha256, no Started/Progress events.
+pub const PROTOCOL_VERSION: u32 = 2;

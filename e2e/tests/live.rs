@@ -596,7 +596,9 @@ pub async fn agent_crash_and_return(env: &'static Env) -> Result<()> {
     env.stack.kill_agent(ns, "flaky");
     env.stack
         .wait_device(ns, "flaky", false, Duration::from_secs(15))?;
-    let c = lr::wait_final(&client, ns, "long", Duration::from_secs(15)).await?;
+    // A brief disconnect is waited out (the agent may come back with the result): the
+    // command fails once the operator's 30 s grace has passed.
+    let c = lr::wait_final(&client, ns, "long", Duration::from_secs(50)).await?;
     let err = c
         .status
         .as_ref()

@@ -1,21 +1,57 @@
 //! What every reconciler shares.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
-use liveresponse_api::crd::{Command, LiveResponseSession};
+use liveresponse_api::crd::{Command, Device, LiveResponseSession, LiveResponseSettings};
 
-use crate::gateway::Gateway;
+use crate::controllers::command::{DeviceFacts, Limits};
+use crate::gateway::{DeviceKey, Gateway};
 use crate::metrics::Metrics;
+use crate::wake::WakeQueue;
 
 /// Field manager of the operator's server-side-apply status patches.
 pub const MANAGER: &str = "liveresponse-operator";
 
-type SessionLock = Arc<tokio::sync::Mutex<()>>;
+/// How many uids of recently finished commands are remembered (see
+/// [`Context::just_finished`]).
+const FINISHED_MEMORY: usize = 4096;
+
+/// The caches the reconcilers read.
+pub struct Stores {
+    pub commands: Store<Command>,
+    pub sessions: Store<LiveResponseSession>,
+    pub devices: Store<Device>,
+    pub settings: Store<LiveResponseSettings>,
+}
+
+/// Timing knobs (flags of the operator).
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// After a restart, how long agents get to reconnect before their running commands fail.
+    pub restart_grace: Duration,
+    /// How long a running command survives its device's disconnection.
+    pub disconnect_grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            restart_grace: Duration::from_secs(20),
+            disconnect_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Finished {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
 
 pub struct Context {
     pub client: Client,
@@ -24,25 +60,27 @@ pub struct Context {
     pub recorder: Recorder,
     pub commands: Store<Command>,
     pub sessions: Store<LiveResponseSession>,
+    pub devices: Store<Device>,
+    pub settings: Store<LiveResponseSettings>,
+    /// Sessions to look at again (a command finished, a device came or went).
+    pub session_wakes: WakeQueue<ObjectRef<LiveResponseSession>>,
     /// When this process started: commands found Running after a restart get a grace period
     /// for their agent to reconnect before they are failed.
     pub started: Instant,
-    /// Serialises id assignment per session, so two commands never get the same id.
-    session_locks: Mutex<HashMap<(String, String), SessionLock>>,
-    /// Wakes Commands of a session when one of them finishes (the next may start).
-    pub wake: tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<Command>>,
+    pub restart_grace: Duration,
+    pub disconnect_grace: Duration,
+    finished: Mutex<Finished>,
+    failures: Mutex<HashMap<(&'static str, String, String), u32>>,
 }
 
 impl Context {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         gateway: Arc<Gateway>,
         metrics: Metrics,
         instance: &str,
-        commands: Store<Command>,
-        sessions: Store<LiveResponseSession>,
-        wake: tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<Command>>,
+        stores: Stores,
+        timing: Timing,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -56,20 +94,84 @@ impl Context {
             gateway,
             metrics,
             recorder,
-            commands,
-            sessions,
+            commands: stores.commands,
+            sessions: stores.sessions,
+            devices: stores.devices,
+            settings: stores.settings,
+            session_wakes: WakeQueue::new(),
             started: Instant::now(),
-            session_locks: Mutex::new(HashMap::new()),
-            wake,
+            restart_grace: timing.restart_grace,
+            disconnect_grace: timing.disconnect_grace,
+            finished: Mutex::new(Finished::default()),
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn session_lock(&self, ns: &str, session: &str) -> SessionLock {
-        let mut locks = self.session_locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks
-            .entry((ns.to_string(), session.to_string()))
-            .or_default()
-            .clone()
+    /// The namespace's settings (defaults when it has none).
+    pub fn settings_of(&self, ns: &str) -> Option<Arc<LiveResponseSettings>> {
+        self.settings.get(&ObjectRef::new("default").within(ns))
+    }
+
+    pub fn limits(&self, ns: &str) -> Limits {
+        self.settings_of(ns)
+            .map(|s| Limits::from_settings(&s.spec))
+            .unwrap_or_default()
+    }
+
+    /// The device's link: this replica's gateway knows whether it is connected and since
+    /// when it is not; after a restart, the Device's `lastSeen` says since when.
+    pub fn device_facts(&self, key: &DeviceKey) -> DeviceFacts {
+        let link = self.gateway.link(key);
+        let connected = self.gateway.is_connected(key);
+        let offline_since = link.and_then(|l| l.disconnected_at).or_else(|| {
+            self.devices
+                .get(&ObjectRef::new(&key.1).within(&key.0))
+                .and_then(|d| d.status.as_ref().and_then(|s| s.last_seen.clone()))
+                .map(|t| t.0)
+        });
+        DeviceFacts {
+            connected,
+            offline_since: if connected { None } else { offline_since },
+        }
+    }
+
+    fn finished(&self) -> std::sync::MutexGuard<'_, Finished> {
+        self.finished.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that this operator recorded a command final, until its cache shows it.
+    pub fn mark_finished(&self, uid: &str) {
+        let mut f = self.finished();
+        if f.set.insert(uid.to_string()) {
+            f.order.push_back(uid.to_string());
+        }
+        while f.order.len() > FINISHED_MEMORY {
+            if let Some(old) = f.order.pop_front() {
+                f.set.remove(&old);
+            }
+        }
+    }
+
+    pub fn just_finished(&self, uid: &str) -> bool {
+        self.finished().set.contains(uid)
+    }
+
+    /// The delay before retrying an object whose reconcile failed `n` times in a row:
+    /// 500 ms doubling up to a minute, per object.
+    pub fn backoff(&self, kind: &'static str, ns: &str, name: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f
+            .entry((kind, ns.to_string(), name.to_string()))
+            .or_insert(0);
+        *n = n.saturating_add(1);
+        backoff_delay(*n)
+    }
+
+    pub fn reset_backoff(&self, kind: &'static str, ns: &str, name: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if !f.is_empty() {
+            f.remove(&(kind, ns.to_string(), name.to_string()));
+        }
     }
 
     /// Records a Kubernetes Event on an object; failures are logged, never fatal.
@@ -99,51 +201,25 @@ pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
 }
 
-/// Parses a Go-style duration (`30m`, `1h30m`, `90s`, `500ms`), as the CRDs validate them.
-pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
-    let mut total = 0f64;
-    let mut num = String::new();
-    let mut chars = s.chars().peekable();
-    let mut any = false;
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() || c == '.' {
-            num.push(c);
-            continue;
-        }
-        let value: f64 = num.parse().ok()?;
-        num.clear();
-        let unit = match c {
-            'h' => 3600.0,
-            's' => 1.0,
-            'm' if chars.peek() == Some(&'s') => {
-                chars.next();
-                0.001
-            }
-            'm' => 60.0,
-            _ => return None,
-        };
-        total += value * unit;
-        any = true;
-    }
-    if !num.is_empty() || !any {
-        return None;
-    }
-    Some(std::time::Duration::from_secs_f64(total))
+pub use liveresponse_api::crd::parse_duration;
+
+/// 500 ms after the first failure, doubling, at most a minute.
+pub fn backoff_delay(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(7);
+    Duration::from_millis(500u64 << exp).min(Duration::from_secs(60))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::backoff_delay;
     use std::time::Duration;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("72h"), Some(Duration::from_secs(72 * 3600)));
-        assert_eq!(parse_duration("10"), None);
-        assert_eq!(parse_duration("x"), None);
-        assert_eq!(parse_duration(""), None);
+    fn backoff_doubles_up_to_a_minute() {
+        assert_eq!(backoff_delay(1), Duration::from_millis(500));
+        assert_eq!(backoff_delay(2), Duration::from_secs(1));
+        assert_eq!(backoff_delay(4), Duration::from_secs(4));
+        assert_eq!(backoff_delay(8), Duration::from_secs(60));
+        assert_eq!(backoff_delay(1000), Duration::from_secs(60));
     }
 }

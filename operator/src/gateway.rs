@@ -1,18 +1,20 @@
 //! The agent gateway: a tonic gRPC server (TLS always) where agents enroll and keep one
-//! stream each. It knows which devices are connected and which commands are in flight, and
-//! hands everything that must reach the API server to the operator as [`GatewayEvent`]s.
+//! stream each. It knows which devices are connected, which commands are in flight and what
+//! the agents reported; it writes nothing to the API server about commands or devices: it
+//! wakes their reconcilers, which read its state (one writer per status).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use liveresponse_api::crd::{Device, DeviceSpec, Enrollment};
+use kube::runtime::reflector::ObjectRef;
+use liveresponse_api::crd::{Command, Device, DeviceSpec, Enrollment};
 use liveresponse_api::proto::agent_gateway_server::AgentGateway;
 use liveresponse_api::proto::{
-    AgentMessage, Cancel, Completed, EnrollRequest, EnrollResponse, Execute, Hello,
-    OperatorMessage, PROTOCOL_VERSION, Reject, Welcome, agent_message, command_event,
+    AgentMessage, Cancel, CancelReason, EnrollRequest, EnrollResponse, Execute, Hello,
+    OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, Welcome, agent_message, command_event,
     operator_message,
 };
 use tokio::sync::mpsc;
@@ -20,6 +22,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pki::{self, Ca};
+use crate::sink::{OutputProblem, OutputSink, OutputSummary};
+use crate::wake::WakeQueue;
 
 /// A device: (namespace, name).
 pub type DeviceKey = (String, String);
@@ -27,19 +31,28 @@ pub type DeviceKey = (String, String);
 /// Label that marks a Secret as a bootstrap token for enrolling devices into its namespace.
 pub const BOOTSTRAP_LABEL: &str = "liveresponse.io/bootstrap-token";
 
-/// Largest output the gateway assembles for one command before it gives up on it.
-pub const MAX_OUTPUT: usize = 64 * 1024 * 1024;
+/// Most bytes of finished results (inline outputs) waiting for their reconciler. Past it the
+/// oldest is dropped: its command is sent again, and the agent replays the result.
+const MAX_RESULT_BYTES: usize = 128 * 1024 * 1024;
+
+/// Messages queued to one agent. An agent that lets this fill stopped reading: it is
+/// disconnected rather than waited on.
+const AGENT_QUEUE: usize = 256;
 
 /// Which Command an in-flight execution belongs to.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandTarget {
     pub namespace: String,
     pub name: String,
-    pub session: String,
-    pub verb: String,
     pub device: DeviceKey,
     /// Which `-auto` prerequisite this execution is, or `None` for the command itself.
     pub step: Option<usize>,
+}
+
+impl CommandTarget {
+    pub fn object_ref(&self) -> ObjectRef<Command> {
+        ObjectRef::new(&self.name).within(&self.namespace)
+    }
 }
 
 /// The uid an `-auto` prerequisite of a command runs under on the agent.
@@ -54,26 +67,45 @@ fn belongs(key: &str, uid: &str) -> bool {
             .is_some_and(|rest| rest.starts_with(".step-"))
 }
 
-/// What the gateway saw that the operator must record.
-#[derive(Debug)]
-pub enum GatewayEvent {
-    Connected {
-        device: DeviceKey,
-        hello: Hello,
-    },
-    Seen {
-        device: DeviceKey,
-    },
-    Disconnected {
-        device: DeviceKey,
-        running: Vec<(String, CommandTarget)>,
-    },
-    Completed {
-        uid: String,
-        target: CommandTarget,
-        completed: Completed,
-        output: Vec<u8>,
-    },
+/// What the agent reported of one execution, ready for the command's reconciler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub step: Option<usize>,
+    pub outcome: Outcome,
+    pub exit_code: i32,
+    pub error_reason: String,
+    pub error_message: String,
+    pub working_directory: String,
+    pub warnings: Vec<String>,
+    /// The output, or why it cannot be trusted.
+    pub output: Result<OutputSummary, OutputProblem>,
+}
+
+impl Report {
+    fn bytes(&self) -> usize {
+        let out = self.output.as_ref().map_or(0, |o| o.inline.len());
+        out + self.error_message.len() + self.warnings.iter().map(String::len).sum::<usize>() + 256
+    }
+}
+
+/// Why a message could not be sent to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("device {0} is not connected")]
+    NotConnected(String),
+    #[error("device {0} stopped reading its stream; it was disconnected")]
+    Stalled(String),
+}
+
+/// What the gateway knows of a device's link.
+#[derive(Clone, Debug, Default)]
+pub struct Link {
+    pub connected: bool,
+    pub hello: Option<Hello>,
+    /// When the agent last showed signs of life.
+    pub last_seen: Option<jiff::Timestamp>,
+    /// When the stream closed (unset while connected).
+    pub disconnected_at: Option<jiff::Timestamp>,
 }
 
 struct Conn {
@@ -83,24 +115,33 @@ struct Conn {
 
 struct InFlight {
     target: CommandTarget,
-    output: Vec<u8>,
+    sink: OutputSink,
+    cancel_sent: Option<Instant>,
 }
 
 #[derive(Default)]
 struct State {
     agents: HashMap<DeviceKey, Conn>,
+    links: HashMap<DeviceKey, Link>,
     inflight: HashMap<String, InFlight>,
+    results: HashMap<String, Report>,
+    result_order: VecDeque<String>,
+    result_bytes: usize,
     next_conn: u64,
 }
 
-/// Shared gateway state; the gRPC service and the controllers both hold it.
+/// Shared gateway state; the gRPC service and the controllers both hold it. Nothing here
+/// awaits an agent: sends are `try_send`, and a full queue disconnects the agent.
 pub struct Gateway {
     client: kube::Client,
     ca: Arc<Ca>,
     instance: String,
     heartbeat: Duration,
     state: Mutex<State>,
-    events: mpsc::UnboundedSender<GatewayEvent>,
+    /// Commands with something new: a result, or their device's link changed.
+    pub command_wakes: WakeQueue<ObjectRef<Command>>,
+    /// Devices whose link changed (connected, seen, disconnected).
+    pub device_wakes: WakeQueue<DeviceKey>,
     metrics: crate::metrics::Metrics,
 }
 
@@ -111,18 +152,17 @@ impl Gateway {
         instance: String,
         heartbeat: Duration,
         metrics: crate::metrics::Metrics,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<GatewayEvent>) {
-        let (events, rx) = mpsc::unbounded_channel();
-        let gw = Arc::new(Self {
+    ) -> Arc<Self> {
+        Arc::new(Self {
             client,
             ca,
             instance,
             heartbeat,
             state: Mutex::new(State::default()),
-            events,
+            command_wakes: WakeQueue::new(),
+            device_wakes: WakeQueue::new(),
             metrics,
-        });
-        (gw, rx)
+        })
     }
 
     /// This replica's name, recorded in `Device.status.gateway`.
@@ -140,113 +180,194 @@ impl Gateway {
         self.state().agents.contains_key(device)
     }
 
-    /// Whether the gateway is waiting for a result of this command (or of one of its steps).
-    pub fn is_inflight(&self, uid: &str) -> bool {
-        self.state().inflight.keys().any(|k| belongs(k, uid))
+    /// The device's link as this replica knows it.
+    pub fn link(&self, device: &DeviceKey) -> Option<Link> {
+        self.state().links.get(device).cloned()
     }
 
-    /// Sends a command to its device and waits for the result in the background.
-    pub async fn execute(&self, target: CommandTarget, exec: Execute) -> Result<(), String> {
-        let tx = {
-            let mut st = self.state();
-            let Some(conn) = st.agents.get(&target.device) else {
-                return Err(format!("device {} is not connected", target.device.1));
-            };
-            let tx = conn.tx.clone();
-            st.inflight.insert(
-                exec.command_uid.clone(),
-                InFlight {
-                    target,
-                    output: Vec::new(),
-                },
-            );
-            tx
-        };
+    /// When a cancel was sent for this execution, if it is in flight: `Some(None)` when in
+    /// flight and not cancelled, `None` when not in flight.
+    pub fn inflight(&self, exec_uid: &str) -> Option<Option<Duration>> {
+        self.state()
+            .inflight
+            .get(exec_uid)
+            .map(|f| f.cancel_sent.map(|t| t.elapsed()))
+    }
+
+    /// The result the agent reported for this execution, if it arrived.
+    pub fn report(&self, exec_uid: &str) -> Option<Report> {
+        self.state().results.get(exec_uid).cloned()
+    }
+
+    /// Sends a command to its device. Never waits: an agent whose queue is full is
+    /// disconnected (it stopped reading), and the command is sent again when it is back.
+    pub fn execute(&self, target: CommandTarget, exec: Execute) -> Result<(), SendError> {
         let uid = exec.command_uid.clone();
+        let limit = exec.max_output_bytes;
+        let device = target.device.clone();
         let msg = OperatorMessage {
             msg: Some(operator_message::Msg::Execute(exec)),
         };
-        if tx.send(Ok(msg)).await.is_err() {
-            self.state().inflight.remove(&uid);
-            return Err("the agent's stream closed".into());
+        let mut st = self.state();
+        let Some(conn) = st.agents.get(&device) else {
+            return Err(SendError::NotConnected(device.1.clone()));
+        };
+        match conn.tx.try_send(Ok(msg)) {
+            Ok(()) => {
+                // A new dispatch starts a new output: a replay sends everything again.
+                st.results.remove(&uid);
+                st.inflight.insert(
+                    uid,
+                    InFlight {
+                        target,
+                        sink: OutputSink::new(limit),
+                        cancel_sent: None,
+                    },
+                );
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(SendError::NotConnected(device.1.clone()))
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                drop(st);
+                tracing::warn!(namespace = %device.0, device = %device.1, "agent stopped reading its stream; disconnecting it");
+                self.drop_connection(
+                    &device,
+                    Status::unavailable("the agent did not read its stream; reconnect"),
+                );
+                Err(SendError::Stalled(device.1.clone()))
+            }
         }
-        Ok(())
     }
 
-    /// Asks the agent to stop a command (and its running step). Returns false when nothing
-    /// of it is in flight here.
-    pub async fn cancel(&self, uid: &str, reason: &str) -> bool {
-        let targets: Vec<(String, mpsc::Sender<Result<OperatorMessage, Status>>)> = {
-            let st = self.state();
-            st.inflight
-                .iter()
-                .filter(|(k, _)| belongs(k, uid))
-                .filter_map(|(k, f)| {
-                    st.agents
-                        .get(&f.target.device)
-                        .map(|c| (k.clone(), c.tx.clone()))
-                })
-                .collect()
-        };
+    /// Asks the agent to stop a command and its running step. Never waits. Returns false
+    /// when nothing of it is in flight on a connected device.
+    pub fn cancel(&self, uid: &str, reason: CancelReason) -> bool {
+        let mut st = self.state();
+        let State {
+            inflight, agents, ..
+        } = &mut *st;
         let mut sent = false;
-        for (key, tx) in targets {
+        let mut stalled = vec![];
+        for (key, f) in inflight.iter_mut().filter(|(k, _)| belongs(k, uid)) {
+            let Some(conn) = agents.get(&f.target.device) else {
+                continue;
+            };
             let msg = OperatorMessage {
                 msg: Some(operator_message::Msg::Cancel(Cancel {
-                    command_uid: key,
-                    reason: reason.to_string(),
+                    command_uid: key.clone(),
+                    reason: reason as i32,
                 })),
             };
-            sent |= tx.send(Ok(msg)).await.is_ok();
+            match conn.tx.try_send(Ok(msg)) {
+                Ok(()) => {
+                    tracing::info!(uid = %key, reason = reason.as_str_name(), "cancel sent to the agent");
+                    f.cancel_sent.get_or_insert_with(Instant::now);
+                    sent = true;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => stalled.push(f.target.device.clone()),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        drop(st);
+        for d in stalled {
+            self.drop_connection(
+                &d,
+                Status::unavailable("the agent did not read its stream; reconnect"),
+            );
         }
         sent
     }
 
-    /// Stops waiting for a command (it was finished by the operator, e.g. timed out).
+    /// Stops waiting for a command and drops what it reported (it is recorded, or it was
+    /// finished by the operator).
     pub fn forget(&self, uid: &str) {
-        self.state().inflight.retain(|k, _| !belongs(k, uid));
+        let mut st = self.state();
+        st.inflight.retain(|k, _| !belongs(k, uid));
+        let gone: Vec<String> = st
+            .results
+            .keys()
+            .filter(|k| belongs(k, uid))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(r) = st.results.remove(&k) {
+                st.result_bytes = st.result_bytes.saturating_sub(r.bytes());
+            }
+        }
+    }
+
+    /// Drops a recorded result (an `-auto` step now in status).
+    pub fn drop_report(&self, exec_uid: &str) {
+        let mut st = self.state();
+        if let Some(r) = st.results.remove(exec_uid) {
+            st.result_bytes = st.result_bytes.saturating_sub(r.bytes());
+        }
     }
 
     /// Closes a device's stream (its Device was deleted: the certificate is revoked).
     pub fn disconnect_device(&self, device: &DeviceKey) {
-        let conn = self.state().agents.remove(device);
-        if let Some(conn) = conn {
-            let _ = conn.tx.try_send(Err(Status::permission_denied(
+        self.drop_connection(
+            device,
+            Status::permission_denied(
                 "this device was deleted: its certificate is revoked; enroll again",
-            )));
-            self.metrics.agents_connected.dec();
-            self.drop_inflight(device);
-        }
+            ),
+        );
     }
 
-    fn drop_inflight(&self, device: &DeviceKey) {
-        let running: Vec<(String, CommandTarget)> = {
+    /// Ends a device's stream: the agent is told why, its in-flight work is forgotten (it is
+    /// sent again when the agent is back) and its commands and Device are woken.
+    fn drop_connection(&self, device: &DeviceKey, why: Status) {
+        let (conn, woken) = {
             let mut st = self.state();
+            let conn = st.agents.remove(device);
+            if conn.is_none() {
+                return;
+            }
+            let link = st.links.entry(device.clone()).or_default();
+            link.connected = false;
+            link.disconnected_at = Some(jiff::Timestamp::now());
             let uids: Vec<String> = st
                 .inflight
                 .iter()
                 .filter(|(_, f)| &f.target.device == device)
                 .map(|(u, _)| u.clone())
                 .collect();
-            uids.into_iter()
-                .filter_map(|u| st.inflight.remove(&u).map(|f| (u, f.target)))
-                .collect()
+            let woken: Vec<ObjectRef<Command>> = uids
+                .into_iter()
+                .filter_map(|u| st.inflight.remove(&u).map(|f| f.target.object_ref()))
+                .collect();
+            (conn, woken)
         };
-        let _ = self.events.send(GatewayEvent::Disconnected {
-            device: device.clone(),
-            running,
-        });
+        if let Some(conn) = conn {
+            let _ = conn.tx.try_send(Err(why));
+        }
+        self.metrics.agents_connected.dec();
+        for r in woken {
+            self.command_wakes.wake(r);
+        }
+        self.device_wakes.wake(device.clone());
     }
 
     fn register(
         &self,
         device: DeviceKey,
+        hello: Hello,
         tx: mpsc::Sender<Result<OperatorMessage, Status>>,
     ) -> u64 {
-        let mut st = self.state();
-        st.next_conn += 1;
-        let id = st.next_conn;
-        let old = st.agents.insert(device, Conn { id, tx });
-        match old {
+        let old = {
+            let mut st = self.state();
+            st.next_conn += 1;
+            let id = st.next_conn;
+            let link = st.links.entry(device.clone()).or_default();
+            link.connected = true;
+            link.hello = Some(hello);
+            link.last_seen = Some(jiff::Timestamp::now());
+            link.disconnected_at = None;
+            (st.agents.insert(device.clone(), Conn { id, tx }), id)
+        };
+        match old.0 {
             // A reconnect replaces the old stream; tell the old one why it ends.
             Some(old) => {
                 let _ = old.tx.try_send(Err(Status::aborted(
@@ -255,23 +376,22 @@ impl Gateway {
             }
             None => self.metrics.agents_connected.inc(),
         }
-        id
+        self.device_wakes.wake(device);
+        old.1
     }
 
     fn unregister(&self, device: &DeviceKey, id: u64) {
-        let removed = {
-            let mut st = self.state();
-            if st.agents.get(device).is_some_and(|c| c.id == id) {
-                st.agents.remove(device);
-                true
-            } else {
-                false
-            }
-        };
-        if removed {
-            self.metrics.agents_connected.dec();
-            self.drop_inflight(device);
+        let current = self.state().agents.get(device).is_some_and(|c| c.id == id);
+        if current {
+            self.drop_connection(device, Status::aborted("stream ended"));
         }
+    }
+
+    fn seen(&self, device: &DeviceKey) {
+        if let Some(l) = self.state().links.get_mut(device) {
+            l.last_seen = Some(jiff::Timestamp::now());
+        }
+        self.device_wakes.wake(device.clone());
     }
 
     fn on_event(
@@ -280,50 +400,65 @@ impl Gateway {
         ev: liveresponse_api::proto::CommandEvent,
     ) -> Result<(), Status> {
         let uid = ev.command_uid;
+        let mut st = self.state();
+        // Events of commands not in flight here are late replays of something already
+        // recorded or forgotten: ignore them.
+        let Some(f) = st.inflight.get_mut(&uid) else {
+            return Ok(());
+        };
+        // A malicious agent must not reach another device's commands.
+        if &f.target.device != device {
+            return Err(Status::permission_denied(
+                "that command belongs to another device",
+            ));
+        }
         match ev.event {
-            Some(command_event::Event::Output(chunk)) => {
-                let mut st = self.state();
-                let Some(f) = st.inflight.get_mut(&uid) else {
+            Some(command_event::Event::Output(chunk)) => f.sink.push(&chunk.data),
+            Some(command_event::Event::Completed(c)) => {
+                let Some(f) = st.inflight.remove(&uid) else {
                     return Ok(());
                 };
-                // A malicious agent must not reach another device's commands.
-                if &f.target.device != device {
-                    return Err(Status::permission_denied(
-                        "that command belongs to another device",
-                    ));
-                }
-                if f.output.len() + chunk.data.len() > MAX_OUTPUT {
-                    f.output.clear();
-                    f.output.extend_from_slice(b"\0too-large");
-                } else if !f.output.ends_with(b"\0too-large") {
-                    f.output.extend_from_slice(&chunk.data);
-                }
-            }
-            Some(command_event::Event::Completed(completed)) => {
-                let f = {
-                    let mut st = self.state();
-                    match st.inflight.get(&uid) {
-                        Some(f) if &f.target.device != device => {
-                            return Err(Status::permission_denied(
-                                "that command belongs to another device",
-                            ));
-                        }
-                        Some(_) => st.inflight.remove(&uid),
-                        None => None,
-                    }
+                let report = Report {
+                    step: f.target.step,
+                    outcome: Outcome::try_from(c.outcome).unwrap_or(Outcome::Unspecified),
+                    exit_code: c.exit_code,
+                    error_reason: crate::status::truncate(&c.error_reason, 64),
+                    error_message: crate::status::truncate(&c.error_message, 4096),
+                    working_directory: crate::status::truncate(&c.working_directory, 4096),
+                    warnings: c
+                        .warnings
+                        .iter()
+                        .take(100)
+                        .map(|w| crate::status::truncate(w, 1024))
+                        .collect(),
+                    output: f.sink.finish(c.output_size, &c.output_sha256),
                 };
-                if let Some(f) = f {
-                    let _ = self.events.send(GatewayEvent::Completed {
-                        uid,
-                        target: f.target,
-                        completed,
-                        output: f.output,
-                    });
+                tracing::info!(%uid, outcome = report.outcome.as_str_name(), "agent reported a result");
+                st.result_bytes += report.bytes();
+                st.result_order.push_back(uid.clone());
+                st.results.insert(uid, report);
+                while st.result_bytes > MAX_RESULT_BYTES {
+                    let Some(old) = st.result_order.pop_front() else {
+                        break;
+                    };
+                    if let Some(r) = st.results.remove(&old) {
+                        tracing::warn!(uid = %old, "too many unrecorded results; dropping one (its command is sent again)");
+                        st.result_bytes = st.result_bytes.saturating_sub(r.bytes());
+                    }
                 }
+                // The order list only needs the uids still held.
+                if st.result_order.len() > 2 * st.results.len() + 64 {
+                    let State {
+                        result_order,
+                        results,
+                        ..
+                    } = &mut *st;
+                    result_order.retain(|u| results.contains_key(u));
+                }
+                drop(st);
+                self.command_wakes.wake(f.target.object_ref());
             }
-            Some(command_event::Event::Started(_))
-            | Some(command_event::Event::Progress(_))
-            | None => {}
+            None => {}
         }
         Ok(())
     }
@@ -515,18 +650,16 @@ impl AgentGateway for GatewayService {
                 ));
             }
         };
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(AGENT_QUEUE);
         if hello.protocol_version != PROTOCOL_VERSION {
             let reason = incompatible(hello.protocol_version);
             tracing::warn!(device = %device.1, %reason, "refusing agent");
-            let _ = tx
-                .send(Ok(OperatorMessage {
-                    msg: Some(operator_message::Msg::Reject(Reject {
-                        reason: reason.clone(),
-                    })),
-                }))
-                .await;
-            let _ = tx.send(Err(Status::failed_precondition(reason))).await;
+            let _ = tx.try_send(Ok(OperatorMessage {
+                msg: Some(operator_message::Msg::Reject(Reject {
+                    reason: reason.clone(),
+                })),
+            }));
+            let _ = tx.try_send(Err(Status::failed_precondition(reason)));
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
         let welcome = OperatorMessage {
@@ -536,19 +669,14 @@ impl AgentGateway for GatewayService {
                 heartbeat_seconds: u32::try_from(gw.heartbeat.as_secs()).unwrap_or(5),
             })),
         };
-        tx.send(Ok(welcome))
-            .await
+        tx.try_send(Ok(welcome))
             .map_err(|_| Status::aborted("stream closed"))?;
-        let conn_id = gw.register(device.clone(), tx);
         tracing::info!(namespace = %device.0, device = %device.1, hostname = %hello.hostname, "agent connected");
-        let _ = gw.events.send(GatewayEvent::Connected {
-            device: device.clone(),
-            hello,
-        });
+        let conn_id = gw.register(device.clone(), hello, tx);
         tokio::spawn(async move {
             let idle = gw.heartbeat * 3;
-            // An agent that sends heartbeats in a tight loop must not flood the event queue.
-            let mut last_seen: Option<std::time::Instant> = None;
+            // An agent that sends heartbeats in a tight loop must not flood anything.
+            let mut last_seen: Option<Instant> = None;
             let reason = loop {
                 match tokio::time::timeout(idle, inbound.message()).await {
                     Err(_) => break format!("no heartbeat for {}s", idle.as_secs()),
@@ -557,10 +685,8 @@ impl AgentGateway for GatewayService {
                     Ok(Ok(Some(m))) => match m.msg {
                         Some(agent_message::Msg::Heartbeat(_)) => {
                             if last_seen.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                                last_seen = Some(std::time::Instant::now());
-                                let _ = gw.events.send(GatewayEvent::Seen {
-                                    device: device.clone(),
-                                });
+                                last_seen = Some(Instant::now());
+                                gw.seen(&device);
                             }
                         }
                         Some(agent_message::Msg::Event(ev)) => {

@@ -7,3 +7,6 @@ pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod pki;
+pub mod sink;
+pub mod status;
+pub mod wake;

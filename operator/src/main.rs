@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use liveresponse_api::crd::{Command, LiveResponseSession};
+use liveresponse_api::crd::{Command, Device, LiveResponseSession, LiveResponseSettings};
 use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
-use liveresponse_operator::context::Context;
+use liveresponse_operator::context::{Context, Stores, Timing};
 use liveresponse_operator::controllers::{self, command, device, session};
 use liveresponse_operator::gateway::{Gateway, GatewayService};
 use liveresponse_operator::metrics::Metrics;
@@ -49,6 +49,13 @@ struct Args {
     /// Concurrent reconciles per controller.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
+    /// Seconds a running command survives its device's disconnection: an agent that is
+    /// back within them delivers its result.
+    #[arg(long, default_value_t = 30)]
+    disconnect_grace_seconds: u64,
+    /// After a start, seconds agents get to reconnect before their running commands fail.
+    #[arg(long, default_value_t = 20)]
+    restart_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -120,7 +127,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, &ca.cert_pem)?;
     }
     let serving = ca.serving_cert(&args.gateway_names)?;
-    let (gateway, events) = Gateway::new(
+    let gateway = Gateway::new(
         client.clone(),
         ca.clone(),
         instance.clone(),
@@ -137,7 +144,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let svc = AgentGatewayServer::new(GatewayService(gateway.clone()));
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Keepalives find a dead peer whose TCP connection did not say so.
         let r = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(20)))
             .tls_config(tls)
             .map(|mut s| s.add_service(svc).serve_with_incoming(incoming));
         match r {
@@ -160,18 +171,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let command_ctrl = Controller::new(commands_api, cfg.clone()).with_config(ctrl_cfg);
     let session_store = session_ctrl.store();
     let command_store = command_ctrl.store();
-    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel::<ObjectRef<Command>>();
+    let (device_store, device_writer) = reflector::store::<Device>();
+    let (settings_store, settings_writer) = reflector::store::<LiveResponseSettings>();
+    tokio::spawn(liveresponse_operator::controllers::device::watch(
+        gateway.clone(),
+        device_writer,
+        client.clone(),
+    ));
+    let settings_api = Api::<LiveResponseSettings>::all(client.clone());
+    tokio::spawn(
+        reflector::reflector(settings_writer, watcher(settings_api, cfg.clone()))
+            .default_backoff()
+            .for_each(|_| async {}),
+    );
     let ctx = Arc::new(Context::new(
         client.clone(),
         gateway.clone(),
         metrics,
         &instance,
-        command_store.clone(),
-        session_store,
-        wake_tx,
+        Stores {
+            commands: command_store.clone(),
+            sessions: session_store,
+            devices: device_store.clone(),
+            settings: settings_store.clone(),
+        },
+        Timing {
+            restart_grace: Duration::from_secs(args.restart_grace_seconds),
+            disconnect_grace: Duration::from_secs(args.disconnect_grace_seconds),
+        },
     ));
-    tokio::spawn(device::run_events(ctx.clone(), events));
-    tokio::spawn(device::watch_deletions(ctx.clone()));
+    // Decisions read these caches: start once they hold the cluster's state.
+    device_store.wait_until_ready().await?;
+    settings_store.wait_until_ready().await?;
+    tokio::spawn(device::run(ctx.clone()));
 
     // A session's change (Connected, ended) concerns its commands.
     let by_session = command_store.clone();
@@ -186,9 +218,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map(|c| ObjectRef::from_obj(c.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
-            wake_rx,
-        ))
+        .reconcile_on(gateway.command_wakes.stream())
         .shutdown_on_signal()
         .run(
             command::reconcile,
@@ -197,6 +227,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .for_each(|_| async {});
     let session_ctrl = session_ctrl
+        .reconcile_on(ctx.session_wakes.stream())
         .shutdown_on_signal()
         .run(
             session::reconcile,

@@ -84,11 +84,94 @@ pub struct SettingsSpec {
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('720h')").message("offlineQueueTimeout must be a duration between 1s and 720h, such as 72h"))]
     pub offline_queue_timeout: String,
-    /// How long finished commands are kept before the operator deletes them (1h to 8760h).
+    /// How long finished commands are kept before the operator deletes them (1s to 8760h).
     #[serde(default = "default_command_retention")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1h') && duration(self) <= duration('8760h')").message("commandRetention must be a duration between 1h and 8760h, such as 720h"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('8760h')").message("commandRetention must be a duration between 1s and 8760h, such as 720h"))]
     pub command_retention: String,
+    /// Largest output one command may produce (a quantity such as `64Mi`, at most `1Gi`).
+    /// The first 64 KiB are kept in `status.output`, with the size and sha256 of the whole;
+    /// a larger output fails the command with `OutputTooLarge`.
+    #[serde(default = "default_max_output_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti)?$"))]
+    #[x_kube(validation = Rule::new("quantity(self).isGreaterThan(quantity('0')) && quantity(self).compareTo(quantity('1Gi')) <= 0").message("maxOutputSize must be a size above 0 and at most 1Gi, such as 64Mi"))]
+    pub max_output_size: String,
+}
+
+/// Parses a size as the settings write it (`64Mi`, `3Gi`, `1024`).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Parses a Go-style duration (`30m`, `1h30m`, `90s`, `500ms`), as the CRDs validate them.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let value: f64 = num.parse().ok()?;
+        num.clear();
+        let unit = match c {
+            'h' => 3600.0,
+            's' => 1.0,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                0.001
+            }
+            'm' => 60.0,
+            _ => return None,
+        };
+        total += value * unit;
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return None;
+    }
+    std::time::Duration::try_from_secs_f64(total).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_duration, parse_size};
+    use std::time::Duration;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64Mi"), Some(64 << 20));
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("3Gi"), Some(3 << 30));
+        assert_eq!(parse_size("3G"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("72h"), Some(Duration::from_secs(72 * 3600)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration(""), None);
+    }
 }
 
 impl Default for SettingsSpec {
@@ -108,6 +191,7 @@ impl Default for SettingsSpec {
             max_library_file_size: default_max_library_file_size(),
             offline_queue_timeout: default_offline_queue_timeout(),
             command_retention: default_command_retention(),
+            max_output_size: default_max_output_size(),
         }
     }
 }
@@ -144,6 +228,9 @@ fn default_offline_queue_timeout() -> String {
 }
 fn default_command_retention() -> String {
     "720h".into()
+}
+fn default_max_output_size() -> String {
+    "64Mi".into()
 }
 
 /// What the operator observed of the settings.

@@ -1,686 +1,1008 @@
-//! The Command controller: parse with the registry, number the command in its session, run
-//! commands of a session one at a time (unless background), dispatch to the device's agent,
-//! enforce timeout and cancel, and record the result — one status write per phase.
+//! The Command controller, the one writer of `Command.status`: fetch what the world looks
+//! like ([`Observed`]), [`decide`] without I/O what to do next ([`Decision`]), apply it.
+//!
+//! A command is parsed with the registry, numbered in its session (a counter in the
+//! session's status, advanced by compare-and-set), run one at a time per session unless
+//! `background`, dispatched to its device's agent (its `-auto` prerequisites first, each
+//! recorded in `status.steps`), held to its timeout, cancel and the offline-queue timeout,
+//! and finished from what the agent reported. Finished commands are deleted after
+//! `commandRetention`. Every status write carries the resourceVersion it was decided on, so
+//! a decision made on a stale view is refused by the API server and made again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use liveresponse_api::command::{OutputFormat as ParsedFormat, parse_command};
+use liveresponse_api::command::{Invocation, OutputFormat as ParsedFormat, parse_command};
 use liveresponse_api::crd::{
-    Command, CommandPhase, LiveResponseSession, LiveResponseSettings, OutputFormat,
-    REQUESTED_BY_ANNOTATION, SessionPhase, SettingsSpec,
+    Command, CommandError, CommandOutput, CommandPhase, CommandStatus, CommandStep,
+    LiveResponseSession, OutputFormat, REQUESTED_BY_ANNOTATION, SessionPhase, SettingsSpec, Time,
+    parse_duration, parse_size,
 };
-use liveresponse_api::proto::{Completed, Execute, Outcome};
+use liveresponse_api::proto::{self, CancelReason, Execute, Outcome};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
-use crate::context::{Context, now, parse_duration};
-use crate::error::Result;
-use crate::gateway::{CommandTarget, step_uid};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::gateway::{CommandTarget, Report, step_uid};
+use crate::status::set_condition;
 
-/// How long a Running command whose agent is not (yet) connected to this replica waits,
-/// after an operator restart, for the agent to come back before it is failed.
-const RESTART_GRACE: Duration = Duration::from_secs(20);
+/// How long the operator waits for an agent to confirm a cancel before it records the
+/// command Cancelled anyway.
+pub const CANCEL_CONFIRM: Duration = Duration::from_secs(10);
 
 /// Verbs whose default timeout is the settings' longCommandTimeout.
 const LONG_VERBS: &[&str] = &["getfile", "findfile", "run"];
+
+/// The namespace's limits that concern commands, parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    pub command_timeout: Duration,
+    pub long_command_timeout: Duration,
+    pub offline_queue_timeout: Duration,
+    pub retention: Duration,
+    pub max_output: u64,
+}
+
+impl Limits {
+    pub fn from_settings(s: &SettingsSpec) -> Self {
+        Self {
+            command_timeout: parse_duration(&s.command_timeout).unwrap_or(Duration::from_secs(600)),
+            long_command_timeout: parse_duration(&s.long_command_timeout)
+                .unwrap_or(Duration::from_secs(1800)),
+            offline_queue_timeout: parse_duration(&s.offline_queue_timeout)
+                .unwrap_or(Duration::from_secs(72 * 3600)),
+            retention: parse_duration(&s.command_retention)
+                .unwrap_or(Duration::from_secs(720 * 3600)),
+            max_output: parse_size(&s.max_output_size).unwrap_or(64 << 20),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::from_settings(&SettingsSpec::default())
+    }
+}
+
+/// What a command's reconciler knows of its session.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionFacts {
+    pub name: String,
+    pub phase: Option<SessionPhase>,
+    pub created: jiff::Timestamp,
+    pub requested_by: String,
+    pub device: String,
+    pub working_directory: Option<String>,
+}
+
+/// What a reconciler knows of a device's link.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceFacts {
+    /// Its agent has a stream to this operator.
+    pub connected: bool,
+    /// Since when it has not had one, when known.
+    pub offline_since: Option<jiff::Timestamp>,
+}
+
+/// The state of the execution the command waits for (a step or the command itself).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExecState {
+    /// The gateway waits for the agent's result.
+    pub inflight: bool,
+    /// How long ago a cancel was sent, if one was.
+    pub cancel_sent: Option<Duration>,
+    /// What the agent reported, once it did.
+    pub report: Option<Report>,
+    /// This operator recorded the command final moments ago (its cache may lag behind).
+    pub just_finished: bool,
+}
+
+/// Everything [`decide`] looks at besides the command.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub now: jiff::Timestamp,
+    /// How long this operator has run: after a restart, agents get time to reconnect.
+    pub uptime: Duration,
+    pub restart_grace: Duration,
+    /// How long a running command survives its device's disconnection.
+    pub disconnect_grace: Duration,
+    pub parsed: Result<Invocation, String>,
+    pub session: Option<SessionFacts>,
+    pub limits: Limits,
+    pub device: DeviceFacts,
+    /// An earlier command of the session that does not run in the background has not
+    /// finished: `Some(true)` when it has no id yet (its number is being taken).
+    pub blocked_by_earlier: Option<bool>,
+    pub exec: ExecState,
+}
+
+/// One execution to send to the agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Execution {
+    pub uid: String,
+    pub step: Option<usize>,
+    pub verb: String,
+    pub args: Vec<String>,
+}
+
+/// How a command ends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finish {
+    pub phase: CommandPhase,
+    pub reason: String,
+    pub message: String,
+    pub exit_code: Option<i32>,
+    pub output: Option<CommandOutput>,
+    /// A last `-auto` step to record with it.
+    pub step: Option<CommandStep>,
+    /// Tell the agent to stop what it still does of the command.
+    pub cancel_on_agent: Option<CancelReason>,
+    /// `cd` moved the session here.
+    pub working_directory: Option<String>,
+}
+
+impl Finish {
+    fn new(phase: CommandPhase, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            phase,
+            reason: reason.into(),
+            message: message.into(),
+            exit_code: None,
+            output: None,
+            step: None,
+            cancel_on_agent: None,
+            working_directory: None,
+        }
+    }
+
+    fn cancelling(mut self, why: CancelReason) -> Self {
+        self.cancel_on_agent = Some(why);
+        self
+    }
+}
+
+/// What to do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Nothing until something changes, or until the duration passed.
+    Wait(Option<Duration>),
+    /// Pending → Queued: take the session's next id.
+    Queue { command_line: String },
+    /// Send an execution to the agent; `mark_running` moves Queued → Running.
+    Dispatch { exec: Execution, mark_running: bool },
+    /// Record a finished `-auto` step; the next execution follows.
+    RecordStep { step: CommandStep, exec_uid: String },
+    /// Ask the agent to stop, and wait for it to say it did.
+    CancelOnAgent(CancelReason),
+    /// Move to a final phase.
+    Finish(Box<Finish>),
+    /// Finished: let the session's next commands go; delete once retention passed.
+    Done { delete_in: Duration },
+}
 
 fn phase(c: &Command) -> Option<CommandPhase> {
     c.status.as_ref().and_then(|s| s.phase)
 }
 
-pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
-    let current = phase(&c);
-    if current.is_some_and(CommandPhase::is_final) {
-        return Ok(Action::await_change());
-    }
-    let ns = c.namespace().unwrap_or_default();
-    let uid = c.uid().unwrap_or_default();
-    let sessions: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(session) = sessions.get_opt(&c.spec.session).await? else {
-        let msg = format!(
-            "session {} does not exist in namespace {ns}",
-            c.spec.session
-        );
-        finish(
-            &ctx,
-            &c,
-            CommandPhase::Failed,
-            "SessionNotFound",
-            &msg,
-            None,
-        )
-        .await?;
-        return Ok(Action::await_change());
-    };
-
-    if matches!(current, None | Some(CommandPhase::Pending)) {
-        return queue(&c, &session, &ctx).await;
-    }
-
-    let session_phase = session.status.as_ref().and_then(|s| s.phase);
-    if c.spec.cancel && current == Some(CommandPhase::Queued) {
-        finish(
-            &ctx,
-            &c,
-            CommandPhase::Cancelled,
-            "Cancelled",
-            "cancelled before it started",
-            None,
-        )
-        .await?;
-        return Ok(Action::await_change());
-    }
-    if let Some(p) = session_phase.filter(|p| p.is_final()) {
-        if ctx.gateway.is_inflight(&uid) {
-            ctx.gateway.cancel(&uid, "cancelled").await;
-            ctx.gateway.forget(&uid);
-        }
-        let msg = format!("the session ended ({p:?}) before the command finished");
-        finish(&ctx, &c, CommandPhase::Failed, "SessionEnded", &msg, None).await?;
-        return Ok(Action::await_change());
-    }
-    let settings = Api::<LiveResponseSettings>::namespaced(ctx.client.clone(), &ns)
-        .get_opt("default")
-        .await?
-        .map(|s| s.spec)
-        .unwrap_or_default();
-    let device = (ns.clone(), session.spec.device.clone());
-
-    match current {
-        Some(CommandPhase::Queued) => {
-            if session_phase != Some(SessionPhase::Connected) {
-                return Ok(Action::requeue(Duration::from_secs(1)));
-            }
-            if !c.spec.background && earlier_command_running(&c, &ctx) {
-                return Ok(Action::requeue(Duration::from_secs(2)));
-            }
-            if !ctx.gateway.is_connected(&device) {
-                return wait_offline(&c, &ctx, &settings, &device.1).await;
-            }
-            dispatch(&c, &session, &ctx, &settings, device).await
-        }
-        Some(CommandPhase::Running) => {
-            let deadline = deadline(&c, &settings);
-            let left = deadline.map(|d| d.duration_since(jiff::Timestamp::now()));
-            let left = left.map(|l| Duration::try_from(l).unwrap_or_default());
-            if left == Some(Duration::ZERO) {
-                ctx.gateway.cancel(&uid, "timed out").await;
-                ctx.gateway.forget(&uid);
-                let secs = timeout_of(&c, &settings).as_secs();
-                let msg = format!(
-                    "the command did not finish within {secs}s; the agent was told to stop it"
-                );
-                finish(&ctx, &c, CommandPhase::TimedOut, "TimedOut", &msg, None).await?;
-                return Ok(Action::await_change());
-            }
-            if ctx.gateway.is_inflight(&uid) {
-                if c.spec.cancel {
-                    ctx.gateway.cancel(&uid, "cancelled").await;
-                    // The agent answers with Cancelled; if it does not, do not wait forever.
-                    return Ok(Action::requeue(Duration::from_secs(10)));
-                }
-                return Ok(Action::requeue(
-                    left.unwrap_or(Duration::from_secs(60))
-                        .min(Duration::from_secs(60)),
-                ));
-            }
-            // Running here but not in flight: this operator restarted, or a cancel was not
-            // confirmed. Re-send it: the agent knows the command's uid and never runs it
-            // twice; it resumes reporting, or replays the result it already has.
-            if c.spec.cancel && ctx.started.elapsed() > RESTART_GRACE {
-                finish(
-                    &ctx,
-                    &c,
-                    CommandPhase::Cancelled,
-                    "Cancelled",
-                    "cancelled",
-                    None,
-                )
-                .await?;
-                return Ok(Action::await_change());
-            }
-            if ctx.gateway.is_connected(&device) {
-                let (target, exec) = next_execution(&c, &session, &settings, device);
-                if let Err(e) = ctx.gateway.execute(target, exec).await {
-                    tracing::info!(command = %c.name_any(), error = %e, "re-dispatch failed");
-                }
-                if c.spec.cancel {
-                    ctx.gateway.cancel(&uid, "cancelled").await;
-                }
-                return Ok(Action::requeue(Duration::from_secs(5)));
-            }
-            if ctx.started.elapsed() < RESTART_GRACE {
-                return Ok(Action::requeue(Duration::from_secs(2)));
-            }
-            let msg = format!("device {} disconnected while the command ran", device.1);
-            finish(
-                &ctx,
-                &c,
-                CommandPhase::Failed,
-                "DeviceDisconnected",
-                &msg,
-                None,
-            )
-            .await?;
-            Ok(Action::await_change())
-        }
-        _ => Ok(Action::await_change()),
-    }
+fn until(now: jiff::Timestamp, t: jiff::Timestamp) -> Duration {
+    Duration::try_from(t.duration_since(now)).unwrap_or_default()
 }
 
-/// Pending → Queued: parse, number, own.
-async fn queue(c: &Command, session: &LiveResponseSession, ctx: &Context) -> Result<Action> {
-    let ns = c.namespace().unwrap_or_default();
-    let inv = match parse_command(&c.spec.command, &c.spec.args) {
-        Ok(inv) => inv,
-        Err(e) => {
-            finish(
-                ctx,
-                c,
-                CommandPhase::Failed,
-                "ParseError",
-                &e.to_string(),
-                None,
-            )
-            .await?;
-            return Ok(Action::await_change());
-        }
-    };
-    // Only the session's requester may type in it; admission says who created the command.
-    let requester = c.annotations().get(REQUESTED_BY_ANNOTATION).cloned();
-    match requester {
-        None => {
-            let msg = format!(
-                "the command carries no {REQUESTED_BY_ANNOTATION} annotation: install the admission policies in config/admission (MutatingAdmissionPolicy liveresponse-command-requester)"
-            );
-            finish(ctx, c, CommandPhase::Failed, "Unattributed", &msg, None).await?;
-            return Ok(Action::await_change());
-        }
-        Some(user) if user != session.spec.requested_by => {
-            let msg = format!(
-                "session {} belongs to {}; {user} cannot run commands in it: open your own session",
-                session.name_any(),
-                session.spec.requested_by
-            );
-            finish(ctx, c, CommandPhase::Failed, "NotSessionOwner", &msg, None).await?;
-            return Ok(Action::await_change());
-        }
-        Some(_) => {}
-    }
-    let mut line = inv.render();
-    if c.spec.background {
-        line.push_str(" &");
-    }
-    let lock = ctx.session_lock(&ns, &c.spec.session);
-    let _guard = lock.lock().await;
-    // Ids come from the API server's view, not the cache, so a restart never reuses one.
-    let api: Api<Command> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = api.list(&Default::default()).await?;
-    let max = all
-        .items
-        .iter()
-        .filter(|o| o.spec.session == c.spec.session)
-        .filter_map(|o| o.status.as_ref().and_then(|s| s.id))
-        .max()
-        .unwrap_or(0);
-    let id = max + 1;
-    let owner = session.controller_owner_ref(&()).map(|mut o| {
-        o.controller = Some(false);
-        o
-    });
-    if let Some(owner) = owner {
-        api.patch(
-            &c.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "metadata": { "ownerReferences": [owner] } })),
-        )
-        .await?;
-    }
-    api.patch_status(
-        &c.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": {
-            "id": id, "commandLine": line, "phase": "Queued", "observedGeneration": c.metadata.generation
-        }})),
-    )
-    .await?;
-    let sessions: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
-    sessions
-        .patch_status(
-            &session.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": { "commandCount": id, "lastActivityTime": now() } })),
-        )
-        .await?;
-    Ok(Action::requeue(Duration::from_millis(200)))
+fn plus(t: jiff::Timestamp, d: Duration) -> jiff::Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
 }
 
-fn earlier_command_running(c: &Command, ctx: &Context) -> bool {
-    let my_id = c.status.as_ref().and_then(|s| s.id).unwrap_or(i64::MAX);
-    ctx.commands.state().iter().any(|o| {
-        o.namespace() == c.namespace()
-            && o.spec.session == c.spec.session
-            && !o.spec.background
-            && o.uid() != c.uid()
-            && matches!(phase(o), Some(CommandPhase::Queued | CommandPhase::Running))
-            && o.status.as_ref().and_then(|s| s.id).unwrap_or(i64::MAX) < my_id
-    })
-}
-
-async fn wait_offline(
-    c: &Command,
-    ctx: &Context,
-    settings: &SettingsSpec,
-    device: &str,
-) -> Result<Action> {
-    let limit =
-        parse_duration(&settings.offline_queue_timeout).unwrap_or(Duration::from_secs(72 * 3600));
-    let created = c
-        .creation_timestamp()
-        .map(|t| t.0)
-        .unwrap_or_else(jiff::Timestamp::now);
-    let waited =
-        Duration::try_from(jiff::Timestamp::now().duration_since(created)).unwrap_or_default();
-    if waited >= limit {
-        let msg = format!(
-            "device {device} stayed disconnected for {}s (offlineQueueTimeout {}); the command was not run",
-            waited.as_secs(),
-            settings.offline_queue_timeout
-        );
-        finish(
-            ctx,
-            c,
-            CommandPhase::Failed,
-            "DeviceDisconnected",
-            &msg,
-            None,
-        )
-        .await?;
-        return Ok(Action::await_change());
-    }
-    Ok(Action::requeue(
-        (limit - waited).min(Duration::from_secs(2)),
-    ))
-}
-
-fn timeout_of(c: &Command, settings: &SettingsSpec) -> Duration {
+/// The command's timeout: its own, or the namespace's for its verb's timeout class.
+pub fn timeout_of(c: &Command, parsed: Option<&Invocation>, limits: &Limits) -> Duration {
     if let Some(t) = c.spec.timeout_seconds {
         return Duration::from_secs(u64::try_from(t).unwrap_or(1).max(1));
     }
-    let s = if LONG_VERBS.contains(&c.spec.command.as_str()) {
-        &settings.long_command_timeout
+    if parsed.is_some_and(|i| LONG_VERBS.contains(&i.spec.name)) {
+        limits.long_command_timeout
     } else {
-        &settings.command_timeout
-    };
-    parse_duration(s).unwrap_or(Duration::from_secs(600))
+        limits.command_timeout
+    }
 }
 
-fn deadline(c: &Command, settings: &SettingsSpec) -> Option<jiff::Timestamp> {
-    let start = c.status.as_ref()?.start_time.as_ref()?.0;
-    let t = jiff::SignedDuration::try_from(timeout_of(c, settings)).ok()?;
-    start.checked_add(t).ok()
-}
-
-/// What to send next: the next `-auto` prerequisite that has not run yet, or the command.
-/// Steps take the command's positional values (`getfile PATH -auto` runs `fileinfo PATH`).
-fn next_execution(
-    c: &Command,
-    session: &LiveResponseSession,
-    settings: &SettingsSpec,
-    device: (String, String),
-) -> (CommandTarget, Execute) {
+/// What runs next on the agent: the next `-auto` prerequisite not yet recorded, or the
+/// command itself. Steps take the command's positional values (`getfile PATH -auto` runs
+/// `fileinfo PATH`).
+pub fn current_execution(c: &Command, parsed: Option<&Invocation>) -> Execution {
     let uid = c.uid().unwrap_or_default();
     let done = c.status.as_ref().map_or(0, |s| s.steps.len());
-    let step = parse_command(&c.spec.command, &c.spec.args)
-        .ok()
-        .filter(|inv| inv.has_flag("auto"))
-        .and_then(|inv| {
-            let verb = inv.spec.prerequisites.get(done)?;
-            let args: Vec<String> = inv.positional.iter().map(|(_, v)| v.clone()).collect();
-            Some((verb.to_string(), args))
-        });
-    let (uid, verb, args, step_index) = match step {
-        Some((verb, args)) => (step_uid(&uid, done), verb, args, Some(done)),
-        None => (uid, c.spec.command.clone(), c.spec.args.clone(), None),
-    };
-    let target = CommandTarget {
-        namespace: c.namespace().unwrap_or_default(),
-        name: c.name_any(),
-        session: session.name_any(),
-        verb: verb.clone(),
-        device,
-        step: step_index,
-    };
-    let exec = Execute {
-        command_uid: uid,
-        command: verb,
-        args,
-        working_directory: session
+    let step = parsed.filter(|i| i.has_flag("auto")).and_then(|inv| {
+        let verb = inv.spec.prerequisites.get(done)?;
+        let args: Vec<String> = inv.positional.iter().map(|(_, v)| v.clone()).collect();
+        Some((verb.to_string(), args))
+    });
+    match step {
+        Some((verb, args)) => Execution {
+            uid: step_uid(&uid, done),
+            step: Some(done),
+            verb,
+            args,
+        },
+        None => Execution {
+            uid,
+            step: None,
+            verb: c.spec.command.clone(),
+            args: c.spec.args.clone(),
+        },
+    }
+}
+
+/// The format `status.output` is rendered in: `-output` typed as an argument wins.
+pub fn format_of(c: &Command, parsed: Option<&Invocation>) -> OutputFormat {
+    match parsed.and_then(|i| i.output) {
+        Some(ParsedFormat::Json) => OutputFormat::Json,
+        Some(ParsedFormat::Table) => OutputFormat::Table,
+        None => c.spec.output,
+    }
+}
+
+/// Decides the next step of a command's life. Pure: every fact comes in `o`.
+pub fn decide(c: &Command, o: &Observed) -> Decision {
+    let current = phase(c);
+    if current.is_some_and(CommandPhase::is_final) {
+        let done = c
             .status
             .as_ref()
-            .and_then(|s| s.working_directory.clone())
-            .unwrap_or_else(|| "/".into()),
-        timeout_seconds: u32::try_from(timeout_of(c, settings).as_secs()).unwrap_or(u32::MAX),
-        session: session.name_any(),
-    };
-    (target, exec)
-}
-
-async fn dispatch(
-    c: &Command,
-    session: &LiveResponseSession,
-    ctx: &Context,
-    settings: &SettingsSpec,
-    device: (String, String),
-) -> Result<Action> {
-    let (target, exec) = next_execution(c, session, settings, device);
-    if let Err(e) = ctx.gateway.execute(target, exec).await {
-        tracing::info!(command = %c.name_any(), error = %e, "dispatch failed; will retry");
-        return Ok(Action::requeue(Duration::from_secs(1)));
+            .and_then(|s| s.completion_time.as_ref())
+            .map_or(o.now, |t| t.0);
+        return Decision::Done {
+            delete_in: until(o.now, plus(done, o.limits.retention)),
+        };
     }
-    let api: Api<Command> = Api::namespaced(ctx.client.clone(), &c.namespace().unwrap_or_default());
-    api.patch_status(
-        &c.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": { "phase": "Running", "startTime": now() } })),
-    )
-    .await?;
-    ctx.event(
-        c,
-        false,
-        "Started",
-        format!("sent to device {}", session.spec.device),
-    )
-    .await;
-    Ok(Action::requeue(
-        timeout_of(c, settings).min(Duration::from_secs(60)),
-    ))
+    let Some(session) = &o.session else {
+        return Decision::Finish(Box::new(Finish::new(
+            CommandPhase::Failed,
+            "SessionNotFound",
+            format!(
+                "session {} does not exist in this namespace; open a session first",
+                c.spec.session
+            ),
+        )));
+    };
+    let session_ended = session.phase.filter(|p| p.is_final());
+    match current {
+        None | Some(CommandPhase::Pending) => decide_pending(c, o, session, session_ended),
+        Some(CommandPhase::Queued) => decide_queued(c, o, session, session_ended),
+        _ => decide_running(c, o, session, session_ended),
+    }
 }
 
-/// Turns the agent's records into `status.output`: rendered in the requested format, the
-/// first 64 KiB inline, with the size and sha256 of the whole.
-pub fn render_output(
+fn fail(phase: CommandPhase, reason: &str, message: impl Into<String>) -> Decision {
+    Decision::Finish(Box::new(Finish::new(phase, reason, message)))
+}
+
+fn decide_pending(
     c: &Command,
-    records: &[serde_json::Value],
-    warnings: &[String],
-) -> serde_json::Value {
-    let format = match c.spec.output {
-        OutputFormat::Table => ParsedFormat::Table,
-        OutputFormat::Json => ParsedFormat::Json,
+    o: &Observed,
+    session: &SessionFacts,
+    session_ended: Option<SessionPhase>,
+) -> Decision {
+    let inv = match &o.parsed {
+        Ok(inv) => inv,
+        Err(e) => return fail(CommandPhase::Failed, "ParseError", e.clone()),
     };
-    // `-output json` typed as an argument wins over spec.output.
-    let parsed = parse_command(&c.spec.command, &c.spec.args).ok();
-    let format = parsed.as_ref().and_then(|i| i.output).unwrap_or(format);
-    let text = match parsed.as_ref() {
-        Some(inv) => liveresponse_api::output::render(inv.spec, records, format),
-        None => serde_json::to_string_pretty(records).unwrap_or_default(),
+    // Only the session's requester may type in it; admission says who created the command.
+    match c.annotations().get(REQUESTED_BY_ANNOTATION) {
+        None => {
+            return fail(
+                CommandPhase::Failed,
+                "Unattributed",
+                format!(
+                    "the command carries no {REQUESTED_BY_ANNOTATION} annotation: install the admission policies in config/admission (MutatingAdmissionPolicy liveresponse-command-requester)"
+                ),
+            );
+        }
+        Some(user) if *user != session.requested_by => {
+            return fail(
+                CommandPhase::Failed,
+                "NotSessionOwner",
+                format!(
+                    "session {} belongs to {}; {user} cannot run commands in it: open your own session",
+                    session.name, session.requested_by
+                ),
+            );
+        }
+        Some(_) => {}
+    }
+    if let Some(p) = session_ended {
+        return fail(
+            CommandPhase::Failed,
+            "SessionEnded",
+            format!(
+                "session {} has ended ({p:?}); open a new session",
+                session.name
+            ),
+        );
+    }
+    let mut command_line = inv.render();
+    if c.spec.background {
+        command_line.push_str(" &");
+    }
+    Decision::Queue { command_line }
+}
+
+/// When a command waiting for an offline device gives up: `offlineQueueTimeout` after the
+/// session was opened or the device went away, whichever is later.
+fn offline_deadline(o: &Observed, session: &SessionFacts) -> jiff::Timestamp {
+    let start = match o.device.offline_since {
+        Some(t) if t > session.created => t,
+        _ => session.created,
     };
-    let (inline, truncated) =
-        liveresponse_api::output::truncate(&text, liveresponse_api::output::INLINE_LIMIT);
-    json!({
-        "format": match format { ParsedFormat::Json => "json", ParsedFormat::Table => "table" },
-        "content": inline,
-        "truncated": truncated,
-        "size": text.len(),
-        "sha256": hex::encode(Sha256::digest(text.as_bytes())),
-        "warnings": warnings,
+    plus(start, o.limits.offline_queue_timeout)
+}
+
+fn decide_queued(
+    c: &Command,
+    o: &Observed,
+    session: &SessionFacts,
+    session_ended: Option<SessionPhase>,
+) -> Decision {
+    if c.spec.cancel {
+        return fail(
+            CommandPhase::Cancelled,
+            "Cancelled",
+            "cancelled before it started",
+        );
+    }
+    let offline = !o.device.connected;
+    let deadline = offline_deadline(o, session);
+    if offline && o.now >= deadline {
+        return fail(
+            CommandPhase::TimedOut,
+            "OfflineQueueTimeout",
+            format!(
+                "device {} stayed offline for the namespace's offlineQueueTimeout ({}s); the command was not run",
+                session.device,
+                o.limits.offline_queue_timeout.as_secs()
+            ),
+        );
+    }
+    if let Some(p) = session_ended {
+        return fail(
+            CommandPhase::Failed,
+            "SessionEnded",
+            format!(
+                "session {} ended ({p:?}) before the command started",
+                session.name
+            ),
+        );
+    }
+    let offline_wait = Decision::Wait(Some(until(o.now, deadline)));
+    if session.phase != Some(SessionPhase::Connected) {
+        // The session's change wakes this command.
+        return if offline {
+            offline_wait
+        } else {
+            Decision::Wait(None)
+        };
+    }
+    if !c.spec.background {
+        match o.blocked_by_earlier {
+            Some(false) => return Decision::Wait(None),
+            // Its id is being written; its status change does not wake this one.
+            Some(true) => return Decision::Wait(Some(Duration::from_secs(1))),
+            None => {}
+        }
+    }
+    if offline {
+        return offline_wait;
+    }
+    if o.exec.inflight {
+        // Already sent; the cache has not seen Running yet.
+        return Decision::Wait(None);
+    }
+    Decision::Dispatch {
+        exec: current_execution(c, o.parsed.as_ref().ok()),
+        mark_running: true,
+    }
+}
+
+fn decide_running(
+    c: &Command,
+    o: &Observed,
+    session: &SessionFacts,
+    session_ended: Option<SessionPhase>,
+) -> Decision {
+    let parsed = o.parsed.as_ref().ok();
+    let timeout = timeout_of(c, parsed, &o.limits);
+    let started = c
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map_or(o.now, |t| t.0);
+    let deadline = plus(started, timeout);
+    if o.now >= deadline {
+        return Decision::Finish(Box::new(
+            Finish::new(
+                CommandPhase::TimedOut,
+                "TimedOut",
+                format!(
+                    "the command did not finish within {}s; the agent was told to stop it",
+                    timeout.as_secs()
+                ),
+            )
+            .cancelling(CancelReason::Timeout),
+        ));
+    }
+    if let Some(r) = &o.exec.report {
+        return from_report(c, parsed, r);
+    }
+    if let Some(p) = session_ended {
+        return Decision::Finish(Box::new(
+            Finish::new(
+                CommandPhase::Failed,
+                "SessionEnded",
+                format!(
+                    "the session ended ({p:?}) before the command finished; the agent was told to stop it"
+                ),
+            )
+            .cancelling(CancelReason::SessionEnded),
+        ));
+    }
+    let left = until(o.now, deadline);
+    if c.spec.cancel {
+        if o.exec.inflight {
+            return match o.exec.cancel_sent {
+                None => Decision::CancelOnAgent(CancelReason::User),
+                Some(ago) if ago >= CANCEL_CONFIRM => Decision::Finish(Box::new(Finish::new(
+                    CommandPhase::Cancelled,
+                    "Cancelled",
+                    format!(
+                        "cancelled; the agent did not confirm that it stopped within {}s",
+                        CANCEL_CONFIRM.as_secs()
+                    ),
+                ))),
+                Some(ago) => Decision::Wait(Some((CANCEL_CONFIRM - ago).min(left))),
+            };
+        }
+        return Decision::Finish(Box::new(
+            Finish::new(CommandPhase::Cancelled, "Cancelled", "cancelled")
+                .cancelling(CancelReason::User),
+        ));
+    }
+    if o.exec.inflight {
+        return Decision::Wait(Some(left));
+    }
+    if o.exec.just_finished {
+        return Decision::Wait(Some(Duration::from_secs(1)));
+    }
+    if o.device.connected {
+        // Running, connected, and nothing in flight: this operator restarted, the agent
+        // reconnected, or a step was just recorded. Send it (again): the agent knows the
+        // uid, never runs it twice, and replays a result it already has.
+        return Decision::Dispatch {
+            exec: current_execution(c, parsed),
+            mark_running: false,
+        };
+    }
+    if o.uptime < o.restart_grace {
+        return Decision::Wait(Some((o.restart_grace - o.uptime).min(left)));
+    }
+    let gone_since = o.device.offline_since.unwrap_or(o.now);
+    let give_up = plus(gone_since, o.disconnect_grace);
+    if o.now < give_up {
+        return Decision::Wait(Some(until(o.now, give_up).min(left)));
+    }
+    fail(
+        CommandPhase::Failed,
+        "DeviceDisconnected",
+        format!(
+            "device {} disconnected while the command ran and was not back within {}s; run it again once the device is back",
+            session.device,
+            o.disconnect_grace.as_secs()
+        ),
+    )
+}
+
+fn step_line(parsed: Option<&Invocation>, step: usize) -> String {
+    let verb = parsed
+        .and_then(|i| i.spec.prerequisites.get(step).copied())
+        .unwrap_or("step");
+    let args: Vec<String> = parsed
+        .map(|i| i.positional.iter().map(|(_, v)| v.clone()).collect())
+        .unwrap_or_default();
+    parse_command(verb, &args)
+        .map(|i| i.render())
+        .unwrap_or_else(|_| verb.to_string())
+}
+
+fn from_report(c: &Command, parsed: Option<&Invocation>, r: &Report) -> Decision {
+    if let Some(step) = r.step {
+        let line = step_line(parsed, step);
+        let ok = r.outcome == Outcome::Succeeded;
+        let record = CommandStep {
+            command_line: line.clone(),
+            phase: if ok {
+                CommandPhase::Succeeded
+            } else {
+                CommandPhase::Failed
+            },
+            exit_code: Some(r.exit_code),
+            message: (!r.error_message.is_empty()).then(|| r.error_message.clone()),
+        };
+        if ok {
+            return Decision::RecordStep {
+                step: record,
+                exec_uid: step_uid(&c.uid().unwrap_or_default(), step),
+            };
+        }
+        let mut f = Finish::new(
+            CommandPhase::Failed,
+            "PrerequisiteFailed",
+            format!("prerequisite `{line}` failed: {}", r.error_message),
+        );
+        f.step = Some(record);
+        f.exit_code = Some(r.exit_code);
+        return Decision::Finish(Box::new(f));
+    }
+    let output = match &r.output {
+        Ok(o) => o,
+        Err(problem) => {
+            let mut f = Finish::new(CommandPhase::Failed, problem.reason(), problem.message());
+            f.exit_code = Some(r.exit_code);
+            return Decision::Finish(Box::new(f));
+        }
+    };
+    let (phase, default_reason, default_message) = match r.outcome {
+        Outcome::Succeeded => (CommandPhase::Succeeded, "", ""),
+        Outcome::Cancelled => (
+            CommandPhase::Cancelled,
+            "Cancelled",
+            "cancelled; the agent stopped the work",
+        ),
+        Outcome::TimedOut => (
+            CommandPhase::TimedOut,
+            "TimedOut",
+            "the agent stopped the command at its time limit",
+        ),
+        Outcome::Failed | Outcome::Unspecified => (
+            CommandPhase::Failed,
+            "AgentError",
+            "the agent reported a failure",
+        ),
+    };
+    let reason = if r.error_reason.is_empty() || phase == CommandPhase::Cancelled {
+        default_reason.to_string()
+    } else {
+        r.error_reason.clone()
+    };
+    let message = if r.error_message.is_empty() {
+        default_message.to_string()
+    } else {
+        r.error_message.clone()
+    };
+    let mut f = Finish::new(phase, &reason, message);
+    f.exit_code = Some(r.exit_code);
+    f.output = Some(CommandOutput {
+        format: format_of(c, parsed),
+        content: output.inline.clone(),
+        truncated: output.truncated,
+        size: i64::try_from(output.size).unwrap_or(i64::MAX),
+        sha256: Some(output.sha256.clone()),
+        artifact: None,
+        warnings: r.warnings.clone(),
+    });
+    if phase == CommandPhase::Succeeded && !r.working_directory.is_empty() {
+        f.working_directory = Some(r.working_directory.clone());
+    }
+    Decision::Finish(Box::new(f))
+}
+
+// ---------------------------------------------------------------------------------------
+// fetch and apply
+
+/// Gathers what [`decide`] needs: the session from the API server (its working directory
+/// must be current), everything else from caches and the gateway.
+async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
+    let ns = c.namespace().unwrap_or_default();
+    let parsed = parse_command(&c.spec.command, &c.spec.args).map_err(|e| e.to_string());
+    let limits = ctx.limits(&ns);
+    let final_phase = phase(c).is_some_and(CommandPhase::is_final);
+    let session = if final_phase {
+        None
+    } else {
+        Api::<LiveResponseSession>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&c.spec.session)
+            .await?
+    };
+    let session = session.map(|s| SessionFacts {
+        name: s.name_any(),
+        phase: s.status.as_ref().and_then(|st| st.phase),
+        created: s
+            .creation_timestamp()
+            .map_or_else(jiff::Timestamp::now, |t| t.0),
+        requested_by: s.spec.requested_by.clone(),
+        device: s.spec.device.clone(),
+        working_directory: s
+            .status
+            .as_ref()
+            .and_then(|st| st.working_directory.clone()),
+    });
+    let device = session
+        .as_ref()
+        .map(|s| ctx.device_facts(&(ns.clone(), s.device.clone())))
+        .unwrap_or_default();
+    let exec = current_execution(c, parsed.as_ref().ok());
+    let uid = c.uid().unwrap_or_default();
+    let inflight = ctx.gateway.inflight(&exec.uid);
+    Ok(Observed {
+        now: jiff::Timestamp::now(),
+        uptime: ctx.started.elapsed(),
+        restart_grace: ctx.restart_grace,
+        disconnect_grace: ctx.disconnect_grace,
+        parsed,
+        session,
+        limits,
+        device,
+        blocked_by_earlier: blocked_by_earlier(c, ctx),
+        exec: ExecState {
+            inflight: inflight.is_some(),
+            cancel_sent: inflight.flatten(),
+            report: ctx.gateway.report(&exec.uid),
+            just_finished: ctx.just_finished(&uid),
+        },
     })
 }
 
-/// Moves a command to a final phase exactly once: the patch carries a JSON-patch `test` of
-/// the phase it saw, so a racing finisher (a completion and a timeout) loses cleanly.
-pub async fn finish(
-    ctx: &Context,
-    c: &Command,
-    phase: CommandPhase,
-    reason: &str,
-    message: &str,
-    extra: Option<serde_json::Value>,
-) -> Result<bool> {
+/// Whether an earlier command of the session that does not run in the background is
+/// unfinished (see [`Observed::blocked_by_earlier`]).
+fn blocked_by_earlier(c: &Command, ctx: &Context) -> Option<bool> {
+    let my_id = c.status.as_ref().and_then(|s| s.id)?;
+    let ns = c.namespace();
+    let mine = c.creation_timestamp();
+    let mut verdict = None;
+    for o in ctx.commands.state() {
+        if o.namespace() != ns
+            || o.spec.session != c.spec.session
+            || o.spec.background
+            || o.uid() == c.uid()
+            || phase(&o).is_some_and(CommandPhase::is_final)
+        {
+            continue;
+        }
+        match o.status.as_ref().and_then(|s| s.id) {
+            Some(id) if id < my_id => return Some(false),
+            Some(_) => {}
+            None if o.creation_timestamp() <= mine => verdict = Some(true),
+            None => {}
+        }
+    }
+    verdict
+}
+
+#[tracing::instrument(skip_all, fields(namespace = c.namespace().unwrap_or_default(), name = %c.name_any(), uid = c.uid().unwrap_or_default()))]
+pub async fn reconcile(c: Arc<Command>, ctx: Arc<Context>) -> Result<Action> {
+    let o = observe(&c, &ctx).await?;
+    let decision = decide(&c, &o);
+    tracing::debug!(?decision, "decided");
+    let action = match apply(&c, &o, decision, &ctx).await {
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
+            // Decided on a stale view; the newer one is on its way.
+            Ok(Action::requeue(Duration::from_millis(200)))
+        }
+        other => other,
+    }?;
+    ctx.reset_backoff("command", &c.namespace().unwrap_or_default(), &c.name_any());
+    Ok(action)
+}
+
+fn wait(d: Option<Duration>) -> Action {
+    match d {
+        // A little past the deadline, so the next look sees it passed.
+        Some(d) => Action::requeue(d + Duration::from_millis(50)),
+        None => Action::await_change(),
+    }
+}
+
+async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> Result<Action> {
     let ns = c.namespace().unwrap_or_default();
     let api: Api<Command> = Api::namespaced(ctx.client.clone(), &ns);
-    let completed = now();
-    let created = c.creation_timestamp().map(|t| t.0).unwrap_or(completed.0);
-    let secs = completed.0.duration_since(created).as_secs_f64().max(0.0);
-    let mut status = match extra {
-        Some(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
+    let uid = c.uid().unwrap_or_default();
+    match decision {
+        Decision::Wait(d) => Ok(wait(d)),
+        Decision::Queue { command_line } => queue(c, o, &command_line, ctx).await,
+        Decision::Dispatch { exec, mark_running } => {
+            let Some(session) = &o.session else {
+                return Ok(Action::await_change());
+            };
+            let parsed = o.parsed.as_ref().ok();
+            let timeout = timeout_of(c, parsed, &o.limits);
+            let target = CommandTarget {
+                namespace: ns.clone(),
+                name: c.name_any(),
+                device: (ns.clone(), session.device.clone()),
+                step: exec.step,
+            };
+            let msg = Execute {
+                command_uid: exec.uid.clone(),
+                command: exec.verb.clone(),
+                args: exec.args.clone(),
+                working_directory: session
+                    .working_directory
+                    .clone()
+                    .unwrap_or_else(|| "/".into()),
+                timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+                session: session.name.clone(),
+                output_format: match format_of(c, parsed) {
+                    OutputFormat::Json => proto::OutputFormat::Json as i32,
+                    OutputFormat::Table => proto::OutputFormat::Table as i32,
+                },
+                max_output_bytes: o.limits.max_output,
+            };
+            if let Err(e) = ctx.gateway.execute(target, msg) {
+                // The device's return wakes this command.
+                tracing::info!(error = %e, "not dispatched");
+                return Ok(Action::requeue(Duration::from_secs(30)));
+            }
+            tracing::info!(exec_uid = %exec.uid, verb = %exec.verb, "dispatched");
+            if mark_running {
+                let mut st = c.status.clone().unwrap_or_default();
+                st.phase = Some(CommandPhase::Running);
+                st.start_time = Some(Time(o.now));
+                set_condition(
+                    &mut st.conditions,
+                    "Complete",
+                    false,
+                    "Running",
+                    "sent to the device",
+                    c.metadata.generation,
+                    o.now,
+                );
+                write_status(&api, c, &st).await?;
+                ctx.event(
+                    c,
+                    false,
+                    "Started",
+                    format!("sent to device {}", session.device),
+                )
+                .await;
+            }
+            Ok(wait(Some(timeout)))
+        }
+        Decision::RecordStep { step, exec_uid } => {
+            let mut st = c.status.clone().unwrap_or_default();
+            st.steps.push(step);
+            write_status(&api, c, &st).await?;
+            ctx.gateway.drop_report(&exec_uid);
+            Ok(Action::await_change())
+        }
+        Decision::CancelOnAgent(why) => {
+            ctx.gateway.cancel(&uid, why);
+            Ok(wait(Some(CANCEL_CONFIRM)))
+        }
+        Decision::Finish(f) => {
+            finish(c, o, *f, ctx).await?;
+            Ok(Action::await_change())
+        }
+        Decision::Done { delete_in } => {
+            if delete_in.is_zero() {
+                match api.delete(&c.name_any(), &Default::default()).await {
+                    Ok(_) => tracing::info!("deleted after commandRetention"),
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                return Ok(Action::await_change());
+            }
+            wake_followers(c, ctx);
+            Ok(wait(Some(delete_in)))
+        }
+    }
+}
+
+/// Writes a command's whole status, refused if the object changed since it was read.
+async fn write_status(api: &Api<Command>, c: &Command, st: &CommandStatus) -> Result<()> {
+    let mut st = st.clone();
+    st.observed_generation = c.metadata.generation;
+    if c.status.as_ref() == Some(&st) {
+        return Ok(());
+    }
+    let patch = json!({
+        "metadata": { "resourceVersion": c.resource_version() },
+        "status": st,
+    });
+    api.patch_status(&c.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}
+
+/// Pending → Queued: own the command by its session, take the session's next id (a
+/// compare-and-set on its counter), record it.
+async fn queue(c: &Command, o: &Observed, line: &str, ctx: &Context) -> Result<Action> {
+    let ns = c.namespace().unwrap_or_default();
+    let api: Api<Command> = Api::namespaced(ctx.client.clone(), &ns);
+    // The cache may lag behind an earlier pass: never take a second id.
+    let Some(mut fresh) = api.get_opt(&c.name_any()).await? else {
+        return Ok(Action::await_change());
     };
-    status.insert("phase".into(), json!(phase));
-    status.insert("completionTime".into(), json!(completed));
-    status.insert("duration".into(), json!(format!("{secs:.1}s")));
-    if phase != CommandPhase::Succeeded {
-        status.insert(
-            "error".into(),
-            json!({ "reason": reason, "message": message }),
-        );
+    if !matches!(phase(&fresh), None | Some(CommandPhase::Pending)) {
+        return Ok(Action::await_change());
     }
-    let seen = phase_of_live(&api, &c.name_any()).await?;
-    if seen.is_some_and(CommandPhase::is_final) {
-        return Ok(false);
-    }
-    let mut ops = vec![];
-    match seen {
-        Some(p) => ops.push(json!({ "op": "test", "path": "/status/phase", "value": p })),
-        None => ops.push(json!({ "op": "add", "path": "/status", "value": {} })),
-    }
-    for (k, v) in status {
-        ops.push(json!({ "op": "add", "path": format!("/status/{k}"), "value": v }));
-    }
-    let patch: json_patch::Patch = serde_json::from_value(json!(ops))?;
-    match api
-        .patch_status(
-            &c.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
-        .await
+    let sessions: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(session) = sessions.get_opt(&c.spec.session).await? else {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    };
+    if let Some(owner) = session_owner(&session)
+        && !fresh.owner_references().iter().any(|r| r.uid == owner.uid)
     {
-        Ok(_) => {}
-        // The test op failed: someone else moved the phase first.
-        Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => return Ok(false),
-        Err(e) => return Err(e.into()),
+        let mut owners = fresh.owner_references().to_vec();
+        owners.push(owner);
+        fresh = api
+            .patch(
+                &c.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": {
+                    "ownerReferences": owners, "resourceVersion": fresh.resource_version() } })),
+            )
+            .await?;
     }
+    let id = next_id(&sessions, session, o.now).await?;
+    let mut st = fresh.status.clone().unwrap_or_default();
+    st.id = Some(id);
+    st.command_line = Some(line.to_string());
+    st.phase = Some(CommandPhase::Queued);
+    set_condition(
+        &mut st.conditions,
+        "Complete",
+        false,
+        "Queued",
+        "waiting for its turn and its device",
+        fresh.metadata.generation,
+        o.now,
+    );
+    write_status(&api, &fresh, &st).await?;
+    Ok(Action::await_change())
+}
+
+/// A non-controller owner reference to the session, so deleting it deletes its commands.
+fn session_owner(s: &LiveResponseSession) -> Option<OwnerReference> {
+    s.controller_owner_ref(&()).map(|mut o| {
+        o.controller = Some(false);
+        o
+    })
+}
+
+/// Advances the session's command counter by compare-and-set and returns the new value.
+async fn next_id(
+    sessions: &Api<LiveResponseSession>,
+    mut session: LiveResponseSession,
+    now: jiff::Timestamp,
+) -> Result<i64> {
+    for _ in 0..20 {
+        let id = session.status.as_ref().map_or(0, |s| s.command_count) + 1;
+        let patch = json!({
+            "metadata": { "resourceVersion": session.resource_version() },
+            "status": { "commandCount": id, "lastActivityTime": Time(now) },
+        });
+        match sessions
+            .patch_status(
+                &session.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => return Ok(id),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                match sessions.get_opt(&session.name_any()).await? {
+                    Some(s) => session = s,
+                    None => return Err(Error::Invalid("the session was deleted".into())),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Invalid(
+        "the session's command counter kept changing; will retry".into(),
+    ))
+}
+
+async fn finish(c: &Command, o: &Observed, f: Finish, ctx: &Context) -> Result<()> {
+    let ns = c.namespace().unwrap_or_default();
+    let uid = c.uid().unwrap_or_default();
+    if let Some(why) = f.cancel_on_agent {
+        ctx.gateway.cancel(&uid, why);
+    }
+    // The next command of the session must run where `cd` went: the session moves first,
+    // and that command starts only once this one is seen final.
+    if let Some(dir) = &f.working_directory {
+        Api::<LiveResponseSession>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(
+                &c.spec.session,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": { "workingDirectory": dir } })),
+            )
+            .await?;
+    }
+    let created = c.creation_timestamp().map_or(o.now, |t| t.0);
+    let secs = o.now.duration_since(created).as_secs_f64().max(0.0);
+    let mut st = c.status.clone().unwrap_or_default();
+    st.phase = Some(f.phase);
+    st.completion_time = Some(Time(o.now));
+    st.duration = Some(format!("{secs:.1}s"));
+    if f.exit_code.is_some() {
+        st.exit_code = f.exit_code;
+    }
+    if let Some(step) = f.step.clone() {
+        st.steps.push(step);
+    }
+    if f.output.is_some() {
+        st.output = f.output.clone();
+    }
+    let ok = f.phase == CommandPhase::Succeeded;
+    if !ok {
+        st.error = Some(CommandError {
+            reason: f.reason.clone(),
+            message: f.message.clone(),
+        });
+    }
+    let reason = format!("{:?}", f.phase);
+    set_condition(
+        &mut st.conditions,
+        "Complete",
+        true,
+        &reason,
+        if ok { "succeeded" } else { &f.message },
+        c.metadata.generation,
+        o.now,
+    );
+    let api: Api<Command> = Api::namespaced(ctx.client.clone(), &ns);
+    write_status(&api, c, &st).await?;
+    ctx.gateway.forget(&uid);
+    ctx.mark_finished(&uid);
     let verb = c.spec.command.as_str();
-    let result = format!("{phase:?}");
     ctx.metrics
         .commands
-        .with_label_values(&[verb, result.as_str()])
+        .with_label_values(&[verb, reason.as_str()])
         .inc();
     ctx.metrics
         .command_latency
         .with_label_values(&[verb])
         .observe(secs);
-    let warning = phase != CommandPhase::Succeeded;
-    let note = if warning {
-        format!("{reason}: {message}")
+    let note = if ok {
+        "succeeded".to_string()
     } else {
-        "succeeded".into()
+        format!("{}: {}", f.reason, f.message)
     };
-    ctx.event(c, warning, &result, truncate_note(note)).await;
-    wake_session(ctx, c);
-    Ok(true)
+    tracing::info!(phase = %reason, reason = %f.reason, "finished");
+    ctx.event(c, !ok, &reason, crate::status::truncate(&note, 1000))
+        .await;
+    Ok(())
 }
 
-fn truncate_note(mut s: String) -> String {
-    if s.len() > 1000 {
-        let mut end = 1000;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
-}
-
-async fn phase_of_live(api: &Api<Command>, name: &str) -> Result<Option<CommandPhase>> {
-    Ok(api.get_opt(name).await?.and_then(|c| phase(&c)))
-}
-
-/// Lets the next queued commands of the same session start now rather than at their requeue.
-fn wake_session(ctx: &Context, c: &Command) {
+/// A finished command lets the session's next commands start and may end an idle session.
+fn wake_followers(c: &Command, ctx: &Context) {
+    let ns = c.namespace();
     for o in ctx.commands.state() {
-        if o.namespace() == c.namespace()
+        if o.namespace() == ns
             && o.spec.session == c.spec.session
-            && phase(&o) == Some(CommandPhase::Queued)
-        {
-            let _ = ctx.wake.send(ObjectRef::from_obj(o.as_ref()));
-        }
-    }
-}
-
-/// Records what the agent reported for an `-auto` prerequisite in `status.steps`; a failed
-/// step fails the command, a successful one lets the next execution start.
-async fn complete_step(
-    ctx: &Context,
-    c: &Command,
-    step: usize,
-    completed: Completed,
-) -> Result<()> {
-    let mut steps = c
-        .status
-        .as_ref()
-        .map(|s| s.steps.clone())
-        .unwrap_or_default();
-    if steps.len() != step {
-        // A replayed result of a step already recorded (a reconcile saw stale steps and sent
-        // it again): move on to what comes next.
-        let _ = ctx.wake.send(ObjectRef::from_obj(c));
-        return Ok(());
-    }
-    let inv = parse_command(&c.spec.command, &c.spec.args).ok();
-    let verb = inv
-        .as_ref()
-        .and_then(|i| i.spec.prerequisites.get(step).copied())
-        .unwrap_or("step");
-    let args: Vec<String> = inv
-        .as_ref()
-        .map(|i| i.positional.iter().map(|(_, v)| v.clone()).collect())
-        .unwrap_or_default();
-    let line = parse_command(verb, &args)
-        .map(|i| i.render())
-        .unwrap_or_else(|_| verb.to_string());
-    let ok = Outcome::try_from(completed.outcome) == Ok(Outcome::Succeeded);
-    steps.push(liveresponse_api::crd::CommandStep {
-        command_line: line.clone(),
-        phase: if ok {
-            CommandPhase::Succeeded
-        } else {
-            CommandPhase::Failed
-        },
-        exit_code: Some(completed.exit_code),
-        message: (!completed.error_message.is_empty()).then(|| completed.error_message.clone()),
-    });
-    let api: Api<Command> = Api::namespaced(ctx.client.clone(), &c.namespace().unwrap_or_default());
-    api.patch_status(
-        &c.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": { "steps": steps } })),
-    )
-    .await?;
-    if !ok {
-        let msg = format!("prerequisite `{line}` failed: {}", completed.error_message);
-        finish(
-            ctx,
-            c,
-            CommandPhase::Failed,
-            "PrerequisiteFailed",
-            &msg,
-            None,
-        )
-        .await?;
-    } else {
-        let _ = ctx.wake.send(ObjectRef::from_obj(c));
-    }
-    Ok(())
-}
-
-/// Records what the agent reported for a command (or for one of its `-auto` steps).
-pub async fn complete(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-    step: Option<usize>,
-    completed: Completed,
-    output: Vec<u8>,
-) -> Result<()> {
-    let api: Api<Command> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(c) = api.get_opt(name).await? else {
-        return Ok(());
-    };
-    if phase(&c).is_some_and(CommandPhase::is_final) {
-        return Ok(());
-    }
-    if let Some(step) = step {
-        return complete_step(ctx, &c, step, completed).await;
-    }
-    let records: Vec<serde_json::Value> = if output.is_empty() {
-        Vec::new()
-    } else if output.ends_with(b"\0too-large") {
-        let msg = format!(
-            "the output was larger than {} MiB",
-            crate::gateway::MAX_OUTPUT >> 20
-        );
-        finish(ctx, &c, CommandPhase::Failed, "OutputTooLarge", &msg, None).await?;
-        return Ok(());
-    } else {
-        match serde_json::from_slice(&output) {
-            Ok(r) => r,
-            Err(e) => {
-                let msg = format!("the agent sent output that is not a JSON list of records: {e}");
-                finish(ctx, &c, CommandPhase::Failed, "AgentError", &msg, None).await?;
-                return Ok(());
-            }
-        }
-    };
-    let outcome = Outcome::try_from(completed.outcome).unwrap_or(Outcome::Unspecified);
-    let (phase, reason) = match outcome {
-        Outcome::Succeeded => (CommandPhase::Succeeded, ""),
-        Outcome::Cancelled => (CommandPhase::Cancelled, "Cancelled"),
-        Outcome::TimedOut => (CommandPhase::TimedOut, "TimedOut"),
-        Outcome::Failed | Outcome::Unspecified => (CommandPhase::Failed, "AgentError"),
-    };
-    let reason = if completed.error_reason.is_empty() {
-        reason.to_string()
-    } else {
-        completed.error_reason.clone()
-    };
-    let mut extra = serde_json::Map::new();
-    extra.insert("exitCode".into(), json!(completed.exit_code));
-    extra.insert(
-        "output".into(),
-        render_output(&c, &records, &completed.warnings),
-    );
-    let message = if completed.error_message.is_empty() && phase == CommandPhase::Cancelled {
-        "cancelled; the agent stopped the work".to_string()
-    } else {
-        completed.error_message.clone()
-    };
-    let done = finish(
-        ctx,
-        &c,
-        phase,
-        &reason,
-        &message,
-        Some(serde_json::Value::Object(extra)),
-    )
-    .await?;
-    if done && phase == CommandPhase::Succeeded && !completed.working_directory.is_empty() {
-        let sessions: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), ns);
-        sessions
-            .patch_status(
-                &c.spec.session,
-                &PatchParams::default(),
-                &Patch::Merge(
-                    json!({ "status": { "workingDirectory": completed.working_directory } }),
-                ),
+            && matches!(
+                phase(&o),
+                None | Some(CommandPhase::Pending | CommandPhase::Queued)
             )
-            .await?;
+        {
+            ctx.gateway
+                .command_wakes
+                .wake(ObjectRef::from_obj(o.as_ref()));
+        }
     }
-    Ok(())
+    if let Some(ns) = ns {
+        ctx.session_wakes
+            .wake(ObjectRef::new(&c.spec.session).within(&ns));
+    }
 }
+
+#[cfg(test)]
+#[path = "command_tests.rs"]
+mod tests;

@@ -1,148 +1,196 @@
-//! Devices: their status follows the agent's stream (hello facts, connected, lastSeen,
-//! which replica holds it), and deleting a Device revokes its agent at once.
+//! Devices, the one writer of `Device.status`: woken by the gateway when an agent comes,
+//! goes or is seen, and by sessions when they start or end. Each wake recomputes the whole
+//! status from the gateway's link and the session cache ([`desired`], pure) and writes it
+//! only when it changed (or `lastSeen` is older than [`LAST_SEEN_EVERY`]). A device whose
+//! link changed wakes its sessions and commands. Deleting a Device revokes its agent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
-use liveresponse_api::crd::{CommandPhase, Device};
-use serde_json::json;
-use tokio::sync::mpsc;
+use kube::{Resource, ResourceExt};
+use liveresponse_api::crd::{Device, DeviceStatus, LiveResponseSession, SessionPhase, Time};
 
-use crate::context::{Context, MANAGER, now};
-use crate::controllers::command;
-use crate::error::Result;
-use crate::gateway::{DeviceKey, GatewayEvent};
+use crate::context::{Context, MANAGER};
+use crate::gateway::{DeviceKey, Link};
+use crate::status::set_condition;
 
 /// How often a heartbeat refreshes `lastSeen` in the API server (heartbeats come more often;
 /// writing each would load the API server for nothing).
-const LAST_SEEN_EVERY: Duration = Duration::from_secs(30);
+pub const LAST_SEEN_EVERY: Duration = Duration::from_secs(30);
 
-/// Applies gateway events to the API server until the gateway goes away.
-pub async fn run_events(ctx: Arc<Context>, mut events: mpsc::UnboundedReceiver<GatewayEvent>) {
-    let mut last_write: HashMap<DeviceKey, Instant> = HashMap::new();
-    while let Some(ev) = events.recv().await {
-        let res = match ev {
-            GatewayEvent::Connected { device, hello } => {
-                last_write.insert(device.clone(), Instant::now());
-                let conditions = vec![condition(
-                    true,
-                    "AgentConnected",
-                    "the agent's stream is open",
-                )];
-                let status = json!({
-                    "hostname": hello.hostname, "os": hello.os, "osVersion": hello.os_version,
-                    "arch": hello.arch, "agentVersion": hello.agent_version,
-                    "capabilities": hello.capabilities, "connected": true, "lastSeen": now(),
-                    "gateway": ctx.gateway.instance(), "conditions": conditions,
+/// The status a Device should have. `link` is this replica's view (None: it never saw the
+/// agent, e.g. after a restart); facts the agent reported earlier are kept from `current`.
+pub fn desired(
+    current: &DeviceStatus,
+    link: Option<&Link>,
+    active_session: Option<String>,
+    instance: &str,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) -> DeviceStatus {
+    let mut st = current.clone();
+    let connected = link.is_some_and(|l| l.connected);
+    if let Some(h) = link.and_then(|l| l.hello.as_ref()) {
+        st.hostname = Some(h.hostname.clone());
+        // The CRD knows three OS families; anything else an agent says is not recorded.
+        st.os = serde_json::from_value(serde_json::Value::String(h.os.clone())).ok();
+        st.os_version = Some(h.os_version.clone());
+        st.arch = Some(h.arch.clone());
+        st.agent_version = Some(h.agent_version.clone());
+        st.capabilities = h.capabilities.clone();
+    }
+    if let Some(seen) = link.and_then(|l| l.last_seen) {
+        let stale = st.last_seen.as_ref().is_none_or(|t| {
+            seen.duration_since(t.0)
+                >= jiff::SignedDuration::try_from(LAST_SEEN_EVERY).unwrap_or_default()
+        });
+        // Connecting or disconnecting is news; a heartbeat only every LAST_SEEN_EVERY.
+        if stale || st.connected != connected {
+            st.last_seen = Some(Time(seen));
+        }
+    }
+    if connected {
+        st.gateway = Some(instance.to_string());
+    }
+    st.connected = connected;
+    st.active_session = active_session;
+    let (reason, message) = if connected {
+        ("AgentConnected", "the agent's stream is open")
+    } else {
+        (
+            "AgentDisconnected",
+            "the agent's stream is closed or stopped sending heartbeats",
+        )
+    };
+    set_condition(
+        &mut st.conditions,
+        "Ready",
+        connected,
+        reason,
+        message,
+        generation,
+        now,
+    );
+    st
+}
+
+/// The session that holds the device: a live one that is Connected (or admitted and
+/// Connecting), the oldest first.
+pub fn active_session(sessions: &[Arc<LiveResponseSession>], key: &DeviceKey) -> Option<String> {
+    let mut live: Vec<&LiveResponseSession> = sessions
+        .iter()
+        .map(|s| s.as_ref())
+        .filter(|s| s.namespace().as_deref() == Some(key.0.as_str()) && s.spec.device == key.1)
+        .filter(|s| s.meta().deletion_timestamp.is_none())
+        .filter(|s| {
+            matches!(
+                s.status.as_ref().and_then(|st| st.phase),
+                Some(SessionPhase::Connected)
+            )
+        })
+        .collect();
+    live.sort_by_key(|s| (s.creation_timestamp().map(|t| t.0), s.name_any()));
+    live.first().map(|s| s.name_any())
+}
+
+/// Applies device wakes to the API server, one device at a time, until the process ends.
+pub async fn run(ctx: Arc<Context>) {
+    // Whether each device was connected when last written: a change wakes its sessions.
+    let mut was: HashMap<DeviceKey, bool> = HashMap::new();
+    // After a restart, devices this replica never saw are marked disconnected once agents
+    // had time to come back.
+    let sweep = ctx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(sweep.restart_grace).await;
+        for d in sweep.devices.state() {
+            sweep
+                .gateway
+                .device_wakes
+                .wake((d.namespace().unwrap_or_default(), d.name_any()));
+        }
+    });
+    loop {
+        let key = ctx.gateway.device_wakes.next().await;
+        let Some(dev) = ctx.devices.get(&ObjectRef::new(&key.1).within(&key.0)) else {
+            // Enrolled moments ago (not in the cache yet) or deleted: look again soon.
+            let (c, k) = (ctx.clone(), key.clone());
+            if ctx.gateway.is_connected(&key) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    c.gateway.device_wakes.wake(k);
                 });
-                apply_status(&ctx, &device, status).await
             }
-            GatewayEvent::Seen { device } => {
-                let due = last_write
-                    .get(&device)
-                    .is_none_or(|t| t.elapsed() >= LAST_SEEN_EVERY);
-                if due {
-                    last_write.insert(device.clone(), Instant::now());
-                    apply_status(
-                        &ctx,
-                        &device,
-                        json!({ "connected": true, "lastSeen": now(),
-                        "gateway": ctx.gateway.instance() }),
-                    )
-                    .await
-                } else {
-                    Ok(())
-                }
-            }
-            GatewayEvent::Disconnected { device, running } => {
-                last_write.remove(&device);
-                // A newer stream of the same device may already be registered.
-                if ctx.gateway.is_connected(&device) {
-                    Ok(())
-                } else {
-                    let conditions = vec![condition(
-                        false,
-                        "AgentDisconnected",
-                        "the agent's stream closed or stopped sending heartbeats",
-                    )];
-                    let r = apply_status(
-                        &ctx,
-                        &device,
-                        json!({ "connected": false, "lastSeen": now(),
-                        "conditions": conditions }),
-                    )
-                    .await;
-                    for (_, target) in running {
-                        let msg = format!(
-                            "device {} disconnected while the command ran; run it again once the device is back",
-                            target.device.1
-                        );
-                        let api: Api<liveresponse_api::crd::Command> =
-                            Api::namespaced(ctx.client.clone(), &target.namespace);
-                        if let Ok(Some(c)) = api.get_opt(&target.name).await {
-                            let cancelled = c.spec.cancel;
-                            let (phase, reason) = if cancelled {
-                                (CommandPhase::Cancelled, "Cancelled")
-                            } else {
-                                (CommandPhase::Failed, "DeviceDisconnected")
-                            };
-                            if let Err(e) =
-                                command::finish(&ctx, &c, phase, reason, &msg, None).await
-                            {
-                                tracing::warn!(error = %e, "could not fail a command of a disconnected device");
-                            }
-                        }
-                    }
-                    r
-                }
-            }
-            GatewayEvent::Completed {
-                uid: _,
-                target,
-                completed,
-                output,
-            } => {
-                command::complete(
-                    &ctx,
-                    &target.namespace,
-                    &target.name,
-                    target.step,
-                    completed,
-                    output,
-                )
-                .await
-            }
+            continue;
         };
-        if let Err(e) = res {
+        let link = ctx.gateway.link(&key);
+        let sessions = ctx.sessions.state();
+        let current = dev.status.clone().unwrap_or_default();
+        let want = desired(
+            &current,
+            link.as_ref(),
+            active_session(&sessions, &key),
+            ctx.gateway.instance(),
+            dev.metadata.generation,
+            jiff::Timestamp::now(),
+        );
+        if want != current
+            && let Err(e) = write(&ctx, &key, &want).await
+        {
             ctx.metrics
                 .reconcile_errors
                 .with_label_values(&["device"])
                 .inc();
-            tracing::warn!(error = %e, "could not record an agent event");
+            tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "could not write a device's status");
+            let (c, k) = (ctx.clone(), key.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                c.gateway.device_wakes.wake(k);
+            });
+            continue;
+        }
+        if was.insert(key.clone(), want.connected) != Some(want.connected) {
+            wake_dependents(&ctx, &key, &sessions);
         }
     }
 }
 
-fn condition(connected: bool, reason: &str, message: &str) -> serde_json::Value {
-    json!({
-        "type": "Connected",
-        "status": if connected { "True" } else { "False" },
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now(),
-    })
+/// A device that came or went concerns its live sessions and their commands.
+fn wake_dependents(ctx: &Context, key: &DeviceKey, sessions: &[Arc<LiveResponseSession>]) {
+    let mut names = vec![];
+    for s in sessions {
+        if s.namespace().as_deref() == Some(key.0.as_str())
+            && s.spec.device == key.1
+            && !s
+                .status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .is_some_and(|p| p.is_final())
+        {
+            ctx.session_wakes.wake(ObjectRef::from_obj(s.as_ref()));
+            names.push(s.name_any());
+        }
+    }
+    for c in ctx.commands.state() {
+        if c.namespace().as_deref() == Some(key.0.as_str()) && names.contains(&c.spec.session) {
+            ctx.gateway
+                .command_wakes
+                .wake(ObjectRef::from_obj(c.as_ref()));
+        }
+    }
 }
 
-async fn apply_status(ctx: &Context, device: &DeviceKey, status: serde_json::Value) -> Result<()> {
-    let api: Api<Device> = Api::namespaced(ctx.client.clone(), &device.0);
-    let patch =
-        json!({ "apiVersion": "liveresponse.io/v1alpha1", "kind": "Device", "status": status });
+async fn write(ctx: &Context, key: &DeviceKey, st: &DeviceStatus) -> crate::error::Result<()> {
+    let api: Api<Device> = Api::namespaced(ctx.client.clone(), &key.0);
+    let patch = serde_json::json!({
+        "apiVersion": "liveresponse.io/v1alpha1", "kind": "Device", "status": st,
+    });
     api.patch_status(
-        &device.1,
+        &key.1,
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(patch),
     )
@@ -150,20 +198,117 @@ async fn apply_status(ctx: &Context, device: &DeviceKey, status: serde_json::Val
     Ok(())
 }
 
-/// Closes the stream of any agent whose Device is deleted.
-pub async fn watch_deletions(ctx: Arc<Context>) {
-    let api: Api<Device> = Api::all(ctx.client.clone());
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+/// Keeps the Device cache filled and closes the stream of any agent whose Device is
+/// deleted.
+pub async fn watch(
+    ctx_gateway: Arc<crate::gateway::Gateway>,
+    writer: kube::runtime::reflector::store::Writer<Device>,
+    client: kube::Client,
+) {
+    let api: Api<Device> = Api::all(client);
+    let stream = kube::runtime::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff();
+    futures::pin_mut!(stream);
     while let Some(ev) = stream.next().await {
         if let Ok(watcher::Event::Delete(d)) = ev {
-            let key = (
-                d.metadata.namespace.clone().unwrap_or_default(),
-                d.metadata.name.clone().unwrap_or_default(),
-            );
+            let key = (d.namespace().unwrap_or_default(), d.name_any());
             tracing::info!(namespace = %key.0, device = %key.1, "device deleted; revoking its agent");
-            ctx.gateway.disconnect_device(&key);
+            ctx_gateway.disconnect_device(&key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use liveresponse_api::proto::Hello;
+
+    fn ts(s: &str) -> jiff::Timestamp {
+        s.parse().unwrap_or_default()
+    }
+
+    fn link(connected: bool, seen: &str) -> Link {
+        Link {
+            connected,
+            hello: Some(Hello {
+                hostname: "web-1".into(),
+                os: "linux".into(),
+                ..Default::default()
+            }),
+            last_seen: Some(ts(seen)),
+            disconnected_at: None,
+        }
+    }
+
+    #[test]
+    fn a_connecting_agent_fills_the_status() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let st = desired(
+            &DeviceStatus::default(),
+            Some(&link(true, "2026-01-01T00:00:00Z")),
+            None,
+            "op-1",
+            Some(1),
+            now,
+        );
+        assert!(st.connected);
+        assert_eq!(st.hostname.as_deref(), Some("web-1"));
+        assert_eq!(st.gateway.as_deref(), Some("op-1"));
+        assert_eq!(st.last_seen.map(|t| t.0), Some(now));
+        assert_eq!(st.conditions[0].type_, "Ready");
+        assert_eq!(st.conditions[0].status, "True");
+    }
+
+    #[test]
+    fn heartbeats_refresh_last_seen_only_every_30s() {
+        let t0 = ts("2026-01-01T00:00:00Z");
+        let st = desired(
+            &DeviceStatus::default(),
+            Some(&link(true, "2026-01-01T00:00:00Z")),
+            None,
+            "op-1",
+            Some(1),
+            t0,
+        );
+        let later = desired(
+            &st,
+            Some(&link(true, "2026-01-01T00:00:10Z")),
+            None,
+            "op-1",
+            Some(1),
+            t0,
+        );
+        assert_eq!(later, st, "a heartbeat 10s later changes nothing");
+        let much_later = desired(
+            &st,
+            Some(&link(true, "2026-01-01T00:00:31Z")),
+            None,
+            "op-1",
+            Some(1),
+            t0,
+        );
+        assert_eq!(
+            much_later.last_seen.map(|t| t.0),
+            Some(ts("2026-01-01T00:00:31Z"))
+        );
+    }
+
+    #[test]
+    fn after_a_restart_an_unseen_device_is_disconnected_and_keeps_its_facts() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let before = desired(
+            &DeviceStatus::default(),
+            Some(&link(true, "2025-12-31T23:59:00Z")),
+            Some("s1".into()),
+            "op-1",
+            Some(1),
+            now,
+        );
+        let st = desired(&before, None, None, "op-2", Some(1), now);
+        assert!(!st.connected);
+        assert_eq!(st.hostname.as_deref(), Some("web-1"));
+        assert_eq!(st.active_session, None);
+        assert_eq!(st.conditions[0].status, "False");
+        assert_eq!(st.conditions[0].reason, "AgentDisconnected");
     }
 }

@@ -1,122 +1,154 @@
-//! The LiveResponseSession controller: admission against settings and limits, connecting to
-//! the device, idle expiry, and ending (state Disconnected or deletion).
+//! The LiveResponseSession controller: fetch → [`decide`] → apply. Admission against the
+//! settings and limits, connecting to the device (woken when its agent comes), expiry when
+//! the device stays offline past `offlineQueueTimeout` or no command comes for
+//! `idleTimeout`, and ending (state Disconnected or deletion).
+//!
+//! The session's phase, times, message and `Ready` condition are written here only; the
+//! command controller advances `commandCount` (by compare-and-set, its ids),
+//! `lastActivityTime` and `workingDirectory`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use liveresponse_api::crd::{
-    Device, LiveResponseSession, LiveResponseSettings, SessionPhase, SessionState, SettingsSpec,
+    LiveResponseSession, SessionPhase, SessionState, SettingsSpec, Time, parse_duration,
 };
+use liveresponse_api::proto::CancelReason;
 use serde_json::json;
 
-use crate::context::{Context, now, parse_duration};
+use crate::context::Context;
+use crate::controllers::command::DeviceFacts;
 use crate::error::{Error, Result};
+use crate::status::set_condition;
 
 pub const FINALIZER: &str = "liveresponse.io/session";
 
-pub async fn reconcile(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = s.namespace().unwrap_or_default();
-    let api: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, s, |ev| async {
-        match ev {
-            Finalizer::Apply(s) => apply(s, ctx.clone()).await,
-            Finalizer::Cleanup(s) => cleanup(s, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Gateway(other.to_string()),
-    })
+/// Everything [`decide`] looks at besides the session.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub now: jiff::Timestamp,
+    /// The namespace's settings, when live response is enabled there.
+    pub settings: Option<SettingsSpec>,
+    /// The admission verdict against the limits (see [`admit`]).
+    pub admission: Result<(), String>,
+    pub device_exists: bool,
+    pub device: DeviceFacts,
+    /// Some command of the session has not finished.
+    pub busy: bool,
+}
+
+/// What to do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Wait(Option<Duration>),
+    /// Admitted; the device's agent is not here yet.
+    Connecting,
+    Connect,
+    End {
+        phase: SessionPhase,
+        reason: &'static str,
+        message: String,
+    },
 }
 
 fn phase(s: &LiveResponseSession) -> Option<SessionPhase> {
     s.status.as_ref().and_then(|st| st.phase)
 }
 
-async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
-    update_gauge(&ctx);
-    let ns = s.namespace().unwrap_or_default();
-    let current = phase(&s);
+fn plus(t: jiff::Timestamp, d: Duration) -> jiff::Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
+}
+
+fn until(now: jiff::Timestamp, t: jiff::Timestamp) -> Duration {
+    Duration::try_from(t.duration_since(now)).unwrap_or_default()
+}
+
+fn end(phase: SessionPhase, reason: &'static str, message: String) -> Decision {
+    Decision::End {
+        phase,
+        reason,
+        message,
+    }
+}
+
+/// Decides the next step of a session's life. Pure: every fact comes in `o`.
+pub fn decide(s: &LiveResponseSession, o: &Observed) -> Decision {
+    let current = phase(s);
     if current.is_some_and(SessionPhase::is_final) {
-        return Ok(Action::await_change());
+        return Decision::Wait(None);
     }
     if s.spec.state == SessionState::Disconnected {
-        end(
-            &s,
-            &ctx,
+        return end(
             SessionPhase::Disconnected,
+            "Disconnected",
             "the analyst ended the session".into(),
-        )
-        .await?;
-        return Ok(Action::await_change());
-    }
-    let settings = Api::<LiveResponseSettings>::namespaced(ctx.client.clone(), &ns)
-        .get_opt("default")
-        .await?;
-    let settings = match settings {
-        Some(st) if st.spec.enabled => st.spec,
-        _ => {
-            let msg = format!(
-                "live response is not enabled in namespace {ns}: a live response settings admin must create LiveResponseSettings \"default\" with spec.enabled: true (for example: kubectl -n {ns} apply -f config/samples/settings.yaml)"
-            );
-            end(&s, &ctx, SessionPhase::Rejected, msg).await?;
-            return Ok(Action::await_change());
-        }
-    };
-
-    if matches!(current, None | Some(SessionPhase::Pending))
-        && let Err(reason) = admit(&s, &ctx, &settings)
-    {
-        end(&s, &ctx, SessionPhase::Rejected, reason).await?;
-        return Ok(Action::await_change());
-    }
-
-    let device = Api::<Device>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&s.spec.device)
-        .await?;
-    let Some(device) = device else {
-        let msg = format!(
-            "device {} does not exist in namespace {ns} (kubectl liveresponse devices lists the enrolled devices)",
-            s.spec.device
         );
-        end(&s, &ctx, SessionPhase::Failed, msg).await?;
-        return Ok(Action::await_change());
+    }
+    let ns = s.namespace().unwrap_or_default();
+    let Some(settings) = &o.settings else {
+        return end(
+            SessionPhase::Rejected,
+            "Disabled",
+            format!(
+                "live response is not enabled in namespace {ns}: a live response settings admin must create LiveResponseSettings \"default\" with spec.enabled: true (for example: kubectl -n {ns} apply -f config/samples/settings.yaml)"
+            ),
+        );
     };
-    let connected = ctx
-        .gateway
-        .is_connected(&(ns.clone(), s.spec.device.clone()));
-
+    if matches!(current, None | Some(SessionPhase::Pending))
+        && let Err(reason) = &o.admission
+    {
+        return end(SessionPhase::Rejected, "LimitReached", reason.clone());
+    }
+    if !o.device_exists {
+        return end(
+            SessionPhase::Failed,
+            "DeviceNotFound",
+            format!(
+                "device {} does not exist in namespace {ns} (kubectl liveresponse devices lists the enrolled devices)",
+                s.spec.device
+            ),
+        );
+    }
+    let created = s.creation_timestamp().map_or(o.now, |t| t.0);
     match current {
         Some(SessionPhase::Connected) => {}
-        _ if connected => {
-            let st = json!({ "phase": "Connected", "startTime": now(), "observedGeneration": s.metadata.generation,
-                "message": format!("connected to {}", s.spec.device) });
-            patch_status(&ctx, &s, st).await?;
-            mark_device(&ctx, &device, Some(&s.name_any())).await?;
-            ctx.event(
-                s.as_ref(),
-                false,
-                "Connected",
-                format!("connected to device {}", s.spec.device),
-            )
-            .await;
-            return Ok(Action::requeue(Duration::from_secs(1)));
-        }
-        Some(SessionPhase::Connecting) => return Ok(Action::requeue(Duration::from_secs(2))),
+        _ if o.device.connected => return Decision::Connect,
         _ => {
-            let st = json!({ "phase": "Connecting", "observedGeneration": s.metadata.generation,
-                "message": format!("waiting for the agent of {} to connect", s.spec.device) });
-            patch_status(&ctx, &s, st).await?;
-            return Ok(Action::requeue(Duration::from_secs(2)));
+            let offline_limit = parse_duration(&settings.offline_queue_timeout)
+                .unwrap_or(Duration::from_secs(72 * 3600));
+            let start = match o.device.offline_since {
+                Some(t) if t > created => t,
+                _ => created,
+            };
+            let deadline = plus(start, offline_limit);
+            if o.now >= deadline {
+                return end(
+                    SessionPhase::Expired,
+                    "OfflineQueueTimeout",
+                    format!(
+                        "device {} stayed offline for the namespace's offlineQueueTimeout ({}s) after the session was opened; its queued commands timed out. Open a new session once the device is back",
+                        s.spec.device,
+                        offline_limit.as_secs()
+                    ),
+                );
+            }
+            return if current == Some(SessionPhase::Connecting) {
+                // The agent's arrival wakes the session; the deadline ends it otherwise.
+                Decision::Wait(Some(until(o.now, deadline)))
+            } else {
+                Decision::Connecting
+            };
         }
     }
-
     // Connected: expire after idleTimeout without a command.
     let idle = s
         .spec
@@ -129,46 +161,39 @@ async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action>
     let since = st
         .last_activity_time
         .or(st.start_time)
-        .map(|t| t.0)
-        .unwrap_or_else(jiff::Timestamp::now);
-    let elapsed = jiff::Timestamp::now().duration_since(since);
-    let elapsed = Duration::try_from(elapsed).unwrap_or_default();
-    if elapsed >= idle {
-        let running = ctx.commands.state().iter().any(|c| {
-            c.spec.session == s.name_any()
-                && c.namespace().as_deref() == Some(ns.as_str())
-                && !c
-                    .status
-                    .as_ref()
-                    .and_then(|x| x.phase)
-                    .is_some_and(|p| p.is_final())
-        });
-        if !running {
-            let msg = format!("no command for {}s (idleTimeout)", idle.as_secs());
-            end(&s, &ctx, SessionPhase::Expired, msg).await?;
-            return Ok(Action::await_change());
-        }
-        return Ok(Action::requeue(Duration::from_secs(5)));
+        .map_or(created, |t| t.0);
+    let deadline = plus(since, idle);
+    if o.now < deadline {
+        return Decision::Wait(Some(until(o.now, deadline)));
     }
-    Ok(Action::requeue(idle - elapsed + Duration::from_millis(200)))
+    if o.busy {
+        // The command's end wakes the session.
+        return Decision::Wait(None);
+    }
+    end(
+        SessionPhase::Expired,
+        "Idle",
+        format!("no command for {}s (idleTimeout)", idle.as_secs()),
+    )
 }
 
 /// Decides whether a new session may start. The order is deterministic — sessions already
 /// admitted first, then pending ones by creation time and name — so when several sessions
-/// race for the last slot, every reconcile picks the same winner.
-fn admit(s: &LiveResponseSession, ctx: &Context, settings: &SettingsSpec) -> Result<(), String> {
-    let ns = s.namespace().unwrap_or_default();
-    let mut candidates: Vec<Arc<LiveResponseSession>> = ctx
-        .sessions
-        .state()
-        .into_iter()
-        .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+/// race for the last slot, every reconcile picks the same winner. `others` are the
+/// namespace's sessions; ended ones, deleted ones and `s` itself are skipped.
+pub fn admit(
+    s: &LiveResponseSession,
+    others: &[Arc<LiveResponseSession>],
+    settings: &SettingsSpec,
+) -> Result<(), String> {
+    let mut candidates: Vec<&LiveResponseSession> = others
+        .iter()
+        .map(|o| o.as_ref())
+        .filter(|o| o.uid() != s.uid())
         .filter(|o| o.meta().deletion_timestamp.is_none() && o.spec.state == SessionState::Active)
         .filter(|o| !phase(o).is_some_and(SessionPhase::is_final))
         .collect();
-    if !candidates.iter().any(|o| o.uid() == s.uid()) {
-        candidates.push(Arc::new(s.clone()));
-    }
+    candidates.push(s);
     let admitted = |o: &LiveResponseSession| {
         matches!(
             phase(o),
@@ -187,11 +212,7 @@ fn admit(s: &LiveResponseSession, ctx: &Context, settings: &SettingsSpec) -> Res
                 b.name_any(),
             ))
     });
-    let (mut total, mut users, mut devices) = (
-        0i32,
-        std::collections::HashMap::new(),
-        std::collections::HashMap::new(),
-    );
+    let (mut total, mut users, mut devices) = (0i32, HashMap::new(), HashMap::new());
     for o in candidates {
         let u = users.entry(o.spec.requested_by.clone()).or_insert(0i32);
         let d = devices.entry(o.spec.device.clone()).or_insert(0i32);
@@ -223,81 +244,213 @@ fn admit(s: &LiveResponseSession, ctx: &Context, settings: &SettingsSpec) -> Res
     Ok(())
 }
 
-/// Moves a session to a final phase, once.
-async fn end(
-    s: &LiveResponseSession,
-    ctx: &Context,
-    phase: SessionPhase,
-    message: String,
-) -> Result<()> {
-    let st = json!({ "phase": phase, "endTime": now(), "message": message, "observedGeneration": s.metadata.generation });
-    patch_status(ctx, s, st).await?;
-    let warning = matches!(phase, SessionPhase::Rejected | SessionPhase::Failed);
-    ctx.event(s, warning, &format!("{phase:?}"), message).await;
-    cancel_commands(s, ctx).await;
-    release_device(s, ctx).await
-}
+// ---------------------------------------------------------------------------------------
+// fetch and apply
 
-/// Clears `Device.status.activeSession` when it still names this session.
-async fn release_device(s: &LiveResponseSession, ctx: &Context) -> Result<()> {
+fn observe(s: &LiveResponseSession, ctx: &Context) -> Observed {
     let ns = s.namespace().unwrap_or_default();
-    let device = Api::<Device>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&s.spec.device)
-        .await?;
-    if let Some(d) = device
-        && d.status.as_ref().and_then(|x| x.active_session.as_deref())
-            == Some(s.name_any().as_str())
-    {
-        mark_device(ctx, &d, None).await?;
+    let settings = ctx
+        .settings_of(&ns)
+        .filter(|st| st.spec.enabled)
+        .map(|st| st.spec.clone());
+    let admission = match (&settings, phase(s)) {
+        (Some(st), None | Some(SessionPhase::Pending)) => {
+            let others: Vec<_> = ctx
+                .sessions
+                .state()
+                .into_iter()
+                .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+                .collect();
+            admit(s, &others, st)
+        }
+        _ => Ok(()),
+    };
+    let key = (ns.clone(), s.spec.device.clone());
+    let device_exists = ctx
+        .devices
+        .get(&ObjectRef::new(&s.spec.device).within(&ns))
+        .is_some();
+    let name = s.name_any();
+    let busy = ctx.commands.state().iter().any(|c| {
+        c.spec.session == name
+            && c.namespace().as_deref() == Some(ns.as_str())
+            && !c
+                .status
+                .as_ref()
+                .and_then(|x| x.phase)
+                .is_some_and(|p| p.is_final())
+    });
+    Observed {
+        now: jiff::Timestamp::now(),
+        settings,
+        admission,
+        device_exists,
+        device: ctx.device_facts(&key),
+        busy,
     }
-    Ok(())
 }
 
-/// Stops what the session's commands are doing on the device.
-async fn cancel_commands(s: &LiveResponseSession, ctx: &Context) {
+#[tracing::instrument(skip_all, fields(namespace = s.namespace().unwrap_or_default(), name = %s.name_any(), uid = s.uid().unwrap_or_default()))]
+pub async fn reconcile(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
     let ns = s.namespace().unwrap_or_default();
-    for c in ctx.commands.state() {
-        if c.spec.session == s.name_any() && c.namespace().as_deref() == Some(ns.as_str()) {
-            let uid = c.uid().unwrap_or_default();
-            ctx.gateway.cancel(&uid, "cancelled").await;
+    let name = s.name_any();
+    let api: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
+    let r = finalizer(&api, FINALIZER, s, |ev| async {
+        match ev {
+            Finalizer::Apply(s) => apply(s, ctx.clone()).await,
+            Finalizer::Cleanup(s) => cleanup(s, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Gateway(other.to_string()),
+    });
+    let r = match r {
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
+            Ok(Action::requeue(Duration::from_millis(200)))
+        }
+        other => other,
+    };
+    if r.is_ok() {
+        ctx.reset_backoff("session", &ns, &name);
+    }
+    r
+}
+
+async fn apply(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
+    update_gauge(&ctx);
+    let o = observe(&s, &ctx);
+    let decision = decide(&s, &o);
+    tracing::debug!(?decision, "decided");
+    let device = (s.namespace().unwrap_or_default(), s.spec.device.clone());
+    match decision {
+        Decision::Wait(Some(d)) => Ok(Action::requeue(d + Duration::from_millis(50))),
+        Decision::Wait(None) => Ok(Action::await_change()),
+        Decision::Connecting => {
+            let mut st = s.status.clone().unwrap_or_default();
+            st.phase = Some(SessionPhase::Connecting);
+            st.message = Some(format!(
+                "waiting for the agent of {} to connect",
+                s.spec.device
+            ));
+            set_condition(
+                &mut st.conditions,
+                "Ready",
+                false,
+                "Connecting",
+                "waiting for the device's agent",
+                s.metadata.generation,
+                o.now,
+            );
+            write_status(&ctx, &s, &st).await?;
+            Ok(Action::await_change())
+        }
+        Decision::Connect => {
+            let mut st = s.status.clone().unwrap_or_default();
+            st.phase = Some(SessionPhase::Connected);
+            st.start_time = Some(Time(o.now));
+            st.message = Some(format!("connected to {}", s.spec.device));
+            set_condition(
+                &mut st.conditions,
+                "Ready",
+                true,
+                "Connected",
+                "commands can run",
+                s.metadata.generation,
+                o.now,
+            );
+            write_status(&ctx, &s, &st).await?;
+            ctx.gateway.device_wakes.wake(device);
+            ctx.event(
+                s.as_ref(),
+                false,
+                "Connected",
+                format!("connected to device {}", s.spec.device),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Decision::End {
+            phase,
+            reason,
+            message,
+        } => {
+            let mut st = s.status.clone().unwrap_or_default();
+            st.phase = Some(phase);
+            st.end_time = Some(Time(o.now));
+            st.message = Some(message.clone());
+            set_condition(
+                &mut st.conditions,
+                "Ready",
+                false,
+                reason,
+                &message,
+                s.metadata.generation,
+                o.now,
+            );
+            write_status(&ctx, &s, &st).await?;
+            let warning = matches!(phase, SessionPhase::Rejected | SessionPhase::Failed);
+            ctx.event(s.as_ref(), warning, &format!("{phase:?}"), message)
+                .await;
+            wake_commands(&s, &ctx);
+            ctx.gateway.device_wakes.wake(device);
+            Ok(Action::await_change())
         }
     }
 }
 
-async fn cleanup(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
-    if !phase(&s).is_some_and(SessionPhase::is_final) {
-        cancel_commands(&s, &ctx).await;
-        release_device(&s, &ctx).await?;
-    }
-    Ok(Action::await_change())
-}
-
-async fn mark_device(ctx: &Context, d: &Device, session: Option<&str>) -> Result<()> {
-    let ns = d.namespace().unwrap_or_default();
-    let api: Api<Device> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &d.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": { "activeSession": session } })),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn patch_status(
+/// Writes the session's status, refused if the session changed since it was read.
+async fn write_status(
     ctx: &Context,
     s: &LiveResponseSession,
-    status: serde_json::Value,
+    st: &liveresponse_api::crd::SessionStatus,
 ) -> Result<()> {
+    let mut st = st.clone();
+    st.observed_generation = s.metadata.generation;
+    if s.status.as_ref() == Some(&st) {
+        return Ok(());
+    }
     let ns = s.namespace().unwrap_or_default();
     let api: Api<LiveResponseSession> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &s.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
+    let patch = json!({
+        "metadata": { "resourceVersion": s.resource_version() },
+        "status": st,
+    });
+    api.patch_status(&s.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
     Ok(())
+}
+
+/// The session's commands see its change (they end, or may run).
+fn wake_commands(s: &LiveResponseSession, ctx: &Context) {
+    let ns = s.namespace();
+    let name = s.name_any();
+    for c in ctx.commands.state() {
+        if c.spec.session == name && c.namespace() == ns {
+            ctx.gateway
+                .command_wakes
+                .wake(ObjectRef::from_obj(c.as_ref()));
+        }
+    }
+}
+
+/// Deleting a session stops what its commands still do on the device; the commands
+/// themselves go with it (ownerReferences).
+async fn cleanup(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = s.namespace();
+    let name = s.name_any();
+    for c in ctx.commands.state() {
+        if c.spec.session == name && c.namespace() == ns {
+            ctx.gateway
+                .cancel(&c.uid().unwrap_or_default(), CancelReason::SessionEnded);
+        }
+    }
+    ctx.gateway
+        .device_wakes
+        .wake((ns.unwrap_or_default(), s.spec.device.clone()));
+    Ok(Action::await_change())
 }
 
 /// Recomputes the sessions-by-phase gauge from the controller's cache.
@@ -324,3 +477,7 @@ fn update_gauge(ctx: &Context) {
         ctx.metrics.sessions.with_label_values(&[p.as_str()]).set(n);
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
