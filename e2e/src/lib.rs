@@ -19,6 +19,10 @@ use kube::{Api, Client, Config};
 pub mod lr;
 pub mod stack;
 
+pub mod fixture;
+pub mod process;
+pub mod proxy;
+
 pub const USERS: [&str; 6] = [
     "admin",
     "analyst-basic",

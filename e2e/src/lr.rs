@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use liveresponse_api::crd::{
-    Command, CommandPhase, CommandSpec, LiveResponseSession, OutputFormat, SessionPhase,
-    SessionSpec, SessionState,
+    Command, CommandError, CommandPhase, CommandSpec, LiveResponseSession, LiveResponseSettings,
+    OutputFormat, SessionPhase, SessionSpec, SessionState,
 };
 
 use crate::eventually;
@@ -202,5 +202,44 @@ pub fn succeeded(c: &Command) -> Result<()> {
             c.status.as_ref().and_then(|s| s.error.clone())
         );
     }
+    Ok(())
+}
+
+/// Why a command did not succeed (`status.error`).
+pub fn error(c: &Command) -> Option<CommandError> {
+    c.status.as_ref().and_then(|s| s.error.clone())
+}
+
+/// The command's number in its session (`status.id`), once the operator assigned it.
+pub fn id(c: &Command) -> Option<i64> {
+    c.status.as_ref().and_then(|s| s.id)
+}
+
+/// Waits until the operator numbered the command, and returns its id.
+pub async fn wait_id(client: &Client, ns: &str, name: &str, timeout: Duration) -> Result<i64> {
+    let api: Api<Command> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("command {name} to get an id"), timeout, || async {
+        let c = api.get(name).await?;
+        if let Some(p) = phase(&c).filter(|p| p.is_final())
+            && id(&c).is_none()
+        {
+            bail!("command {name} ended {p:?} without an id: {:?}", error(&c));
+        }
+        Ok(id(&c))
+    })
+    .await
+}
+
+/// Merges `fields` (camelCase, as in YAML) into the namespace's LiveResponseSettings spec,
+/// as the settings admin `client` would with `kubectl patch`.
+pub async fn set_settings(client: &Client, ns: &str, fields: serde_json::Value) -> Result<()> {
+    let api: Api<LiveResponseSettings> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        "default",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": fields })),
+    )
+    .await
+    .with_context(|| format!("setting {fields} in {ns}'s LiveResponseSettings"))?;
     Ok(())
 }

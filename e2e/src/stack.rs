@@ -422,13 +422,26 @@ impl Stack {
         host_root: &Path,
         extra: &[&str],
     ) -> Result<()> {
+        self.start_agent_via(ns, device, host_root, &self.gateway()?, extra)
+    }
+
+    /// [`Stack::start_agent`], with the agent dialing `gateway` (a proxy in front of the
+    /// real gateway, say) instead of [`Stack::gateway`].
+    pub fn start_agent_via(
+        &self,
+        ns: &str,
+        device: &str,
+        host_root: &Path,
+        gateway: &str,
+        extra: &[&str],
+    ) -> Result<()> {
         if self.agent_pid(ns, device).is_some() {
             return Ok(());
         }
         let token = self.bootstrap_token(ns)?;
         let mut args: Vec<String> = vec![
             "--gateway".into(),
-            self.gateway()?,
+            gateway.into(),
             "--state-dir".into(),
             self.agent_dir(ns, device).to_string_lossy().into_owned(),
             "--ca-file".into(),
@@ -457,6 +470,14 @@ impl Stack {
             kill(pid, "-KILL");
             self.wait_gone(pid);
         }
+    }
+
+    /// Freezes an agent with SIGSTOP; it is continued when the returned value is dropped.
+    pub fn stop_agent(&self, ns: &str, device: &str) -> Result<crate::process::Stopped> {
+        let pid = self
+            .agent_pid(ns, device)
+            .with_context(|| format!("the agent of {device} in {ns} is not running"))?;
+        crate::process::Stopped::new(pid)
     }
 
     /// Waits until the Device reports `connected == want`.

@@ -10,6 +10,7 @@ mod api;
 mod console;
 mod control_plane;
 mod live;
+mod pipeline;
 
 use std::path::PathBuf;
 
@@ -83,11 +84,21 @@ fn main() {
         live::commands_belong_to_the_session_requester,
         console::interactive_console,
         console::exec_for_scripts,
+        pipeline::brief_disconnect_keeps_running_commands,
+        pipeline::offline_device_commands_wait_and_run_in_order,
+        pipeline::offline_queue_timeout_ends_commands_and_session,
+        pipeline::cd_then_dir_always_sees_the_new_folder,
+        pipeline::finished_commands_expire_after_retention,
     ];
     let serial = trials![
         env,
         live::second_replica_waits_for_the_lease,
-        live::operator_restart_loses_nothing
+        live::operator_restart_loses_nothing,
+        // Alone: a stopped agent must not slow the others, and B's latency is only
+        // comparable before/during without other tests' load.
+        pipeline::stalled_agent_does_not_stall_other_tenants,
+        // Alone: it measures the operator's memory, which other tests' commands would move.
+        pipeline::large_outputs_are_summarized_in_bounded_memory,
     ];
     let first = libtest_mimic::run(&args, parallel);
     let mut serial_args = args.clone();
