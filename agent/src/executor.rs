@@ -244,17 +244,30 @@ impl Executor {
         };
         match result {
             Ok(r) => {
-                let text = liveresponse_api::output::render(spec, &r.records, format);
-                let limit = usize::try_from(exec.max_output_bytes).unwrap_or(usize::MAX);
-                if exec.max_output_bytes > 0 && text.len() > limit {
-                    let msg = format!(
-                        "the output is {} bytes, more than this namespace's maxOutputSize ({} bytes): narrow the command (a smaller folder, -name) or ask a settings admin to raise maxOutputSize",
-                        text.len(),
-                        exec.max_output_bytes
-                    );
-                    return failed(&uid, "OutputTooLarge", &msg);
+                // Rendering, hashing and chunking tens of MiB is CPU work: off the runtime's
+                // threads, or heartbeats of this very stream would starve behind it.
+                let max = exec.max_output_bytes;
+                let uid2 = uid.clone();
+                let work = move || {
+                    let text = liveresponse_api::output::render(spec, &r.records, format);
+                    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+                    if max > 0 && text.len() > limit {
+                        let msg = format!(
+                            "the output is {} bytes, more than this namespace's maxOutputSize ({max} bytes): narrow the command (a smaller folder, -name) or ask a settings admin to raise maxOutputSize",
+                            text.len(),
+                        );
+                        return failed(&uid2, "OutputTooLarge", &msg);
+                    }
+                    succeeded(&uid2, text.into_bytes(), r.working_directory, r.warnings)
+                };
+                match tokio::task::spawn_blocking(work).await {
+                    Ok(events) => events,
+                    Err(e) => failed(
+                        &uid,
+                        "AgentError",
+                        &format!("rendering the output crashed: {e}"),
+                    ),
                 }
-                succeeded(&uid, text.into_bytes(), r.working_directory, r.warnings)
             }
             Err(ExecError::Cancelled) => {
                 let why = reason.lock().ok().and_then(|r| *r);

@@ -229,8 +229,38 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
         .rev()
         .find_map(|l| l.strip_prefix('[')?.split(']').next()?.parse::<i64>().ok())
         .with_context(|| format!("no job id shown:\n{screen}"))?;
+    // Type the next line only once the console reads again: keys typed while it is busy
+    // may be lost, as at any terminal.
+    let prompt = format!("[{device} ");
+    let prompts = |s: &str| s.lines().filter(|l| l.starts_with(&prompt)).count();
+    let prompts_before = prompts(&tmux.screen());
     tmux.line("jobs")?;
-    tmux.wait_for("findfile hostname -root /etc", T).await?;
+    let jobs_done = async {
+        loop {
+            let s = tmux.screen();
+            let last = s
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .to_string();
+            if prompts(&s) > prompts_before
+                && s.contains("PHASE")
+                && last.starts_with(&format!("[{device} "))
+                && last.trim_end().ends_with('>')
+            {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let screen = tokio::time::timeout(T, jobs_done)
+        .await
+        .with_context(|| format!("jobs did not answer:\n{}", tmux.screen()))?;
+    ensure!(
+        screen.contains("findfile hostname -root /etc"),
+        "jobs does not list the background command:\n{screen}"
+    );
     tmux.line(&format!("fg {id}"))?;
     tmux.wait_for("/etc/hostname", T).await?;
 

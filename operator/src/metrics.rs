@@ -70,6 +70,11 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // A counter that never fired is still exported as 0, so a dashboard or an alert
+        // on it sees "no errors" rather than "no data".
+        for controller in ["command", "session", "device"] {
+            reconcile_errors.with_label_values(&[controller]);
+        }
         Self {
             registry,
             sessions,
