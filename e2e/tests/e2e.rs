@@ -6,6 +6,7 @@
 //! Tests run in two rounds: first those that share the operator peacefully, in parallel;
 //! then, one at a time, those that restart it.
 
+mod agent_protocol;
 mod api;
 mod console;
 mod control_plane;
@@ -84,6 +85,7 @@ fn main() {
         live::commands_belong_to_the_session_requester,
         console::interactive_console,
         console::exec_for_scripts,
+        agent_protocol::oversized_agent_strings_are_bounded,
         pipeline::brief_disconnect_keeps_running_commands,
         pipeline::offline_device_commands_wait_and_run_in_order,
         pipeline::offline_queue_timeout_ends_commands_and_session,

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::pki::{self, Ca};
 use crate::sink::{OutputProblem, OutputSink, OutputSummary};
+use crate::status::bounded;
 use crate::wake::WakeQueue;
 
 /// A device: (namespace, name).
@@ -34,6 +35,28 @@ pub const BOOTSTRAP_LABEL: &str = "liveresponse.io/bootstrap-token";
 /// Most bytes of finished results (inline outputs) waiting for their reconciler. Past it the
 /// oldest is dropped: its command is sent again, and the agent replays the result.
 const MAX_RESULT_BYTES: usize = 128 * 1024 * 1024;
+
+/// Bounds of what an agent's report may put into a Command's status.
+const MAX_MESSAGE: usize = 4096;
+const MAX_WARNING: usize = 1024;
+const MAX_WARNINGS: usize = 100;
+const MAX_PATH: usize = 4096;
+
+/// Largest message an agent may send (output travels in 256 KiB chunks); above it the
+/// stream ends with an error.
+pub const MAX_AGENT_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The hello's facts, bounded: they become the Device's status.
+fn bounded_hello(mut h: Hello) -> Hello {
+    h.hostname = bounded(&h.hostname, 253);
+    h.os = bounded(&h.os, 32);
+    h.os_version = bounded(&h.os_version, 256);
+    h.arch = bounded(&h.arch, 32);
+    h.agent_version = bounded(&h.agent_version, 64);
+    h.capabilities.truncate(256);
+    h.capabilities.retain(|c| c.len() <= 64);
+    h
+}
 
 /// Messages queued to one agent. An agent that lets this fill stopped reading: it is
 /// disconnected rather than waited on.
@@ -362,7 +385,7 @@ impl Gateway {
             let id = st.next_conn;
             let link = st.links.entry(device.clone()).or_default();
             link.connected = true;
-            link.hello = Some(hello);
+            link.hello = Some(bounded_hello(hello));
             link.last_seen = Some(jiff::Timestamp::now());
             link.disconnected_at = None;
             (st.agents.insert(device.clone(), Conn { id, tx }), id)
@@ -418,19 +441,35 @@ impl Gateway {
                 let Some(f) = st.inflight.remove(&uid) else {
                     return Ok(());
                 };
+                // Everything an agent says ends up in status: bounded, so no status write
+                // can grow past what etcd takes.
+                let mut warnings: Vec<String> = c
+                    .warnings
+                    .iter()
+                    .take(MAX_WARNINGS)
+                    .map(|w| bounded(w, MAX_WARNING))
+                    .collect();
+                if c.warnings.len() > MAX_WARNINGS {
+                    warnings.push(format!(
+                        "{} more warnings cut",
+                        c.warnings.len() - MAX_WARNINGS
+                    ));
+                }
+                let mut working_directory = c.working_directory;
+                if working_directory.len() > MAX_PATH {
+                    working_directory.clear();
+                    warnings.push(format!(
+                        "the agent reported a working directory longer than {MAX_PATH} bytes; the session stays where it was"
+                    ));
+                }
                 let report = Report {
                     step: f.target.step,
                     outcome: Outcome::try_from(c.outcome).unwrap_or(Outcome::Unspecified),
                     exit_code: c.exit_code,
-                    error_reason: crate::status::truncate(&c.error_reason, 64),
-                    error_message: crate::status::truncate(&c.error_message, 4096),
-                    working_directory: crate::status::truncate(&c.working_directory, 4096),
-                    warnings: c
-                        .warnings
-                        .iter()
-                        .take(100)
-                        .map(|w| crate::status::truncate(w, 1024))
-                        .collect(),
+                    error_reason: crate::status::reason(&c.error_reason),
+                    error_message: bounded(&c.error_message, MAX_MESSAGE),
+                    working_directory,
+                    warnings,
                     output: f.sink.finish(c.output_size, &c.output_sha256),
                 };
                 tracing::info!(%uid, outcome = report.outcome.as_str_name(), "agent reported a result");
@@ -671,7 +710,7 @@ impl AgentGateway for GatewayService {
         };
         tx.try_send(Ok(welcome))
             .map_err(|_| Status::aborted("stream closed"))?;
-        tracing::info!(namespace = %device.0, device = %device.1, hostname = %hello.hostname, "agent connected");
+        tracing::info!(namespace = %device.0, device = %device.1, hostname = %crate::status::truncate(&hello.hostname, 253), "agent connected");
         let conn_id = gw.register(device.clone(), hello, tx);
         tokio::spawn(async move {
             let idle = gw.heartbeat * 3;

@@ -141,7 +141,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .client_auth_optional(true);
     let listener = tokio::net::TcpListener::bind(args.gateway_addr).await?;
     tracing::info!(addr = %args.gateway_addr, "agent gateway listening");
-    let svc = AgentGatewayServer::new(GatewayService(gateway.clone()));
+    let svc = AgentGatewayServer::new(GatewayService(gateway.clone()))
+        .max_decoding_message_size(liveresponse_operator::gateway::MAX_AGENT_MESSAGE);
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         // Keepalives find a dead peer whose TCP connection did not say so.

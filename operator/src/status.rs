@@ -49,9 +49,45 @@ pub fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
+/// An agent-provided text bounded to `max` bytes; a cut says how much was dropped, so a
+/// reader knows the message is not whole.
+pub fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let kept = truncate(s, max.saturating_sub(40));
+    let dropped = s.len() - kept.len();
+    format!("{kept}… [{dropped} more bytes cut]")
+}
+
+/// A machine-readable reason as an agent sent it: CamelCase letters and digits only, at most
+/// 64 of them; anything else becomes `AgentError`.
+pub fn reason(s: &str) -> String {
+    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        s.to_string()
+    } else if s.is_empty() {
+        String::new()
+    } else {
+        "AgentError".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_texts_are_bounded_and_say_so() {
+        let long = "x".repeat(10 << 20);
+        let b = bounded(&long, 4096);
+        assert!(b.len() <= 4096 + 8, "{}", b.len());
+        assert!(b.ends_with("more bytes cut]"), "{}", &b[b.len() - 40..]);
+        assert_eq!(bounded("short", 4096), "short");
+        assert_eq!(reason("NotFound"), "NotFound");
+        assert_eq!(reason("Not\u{1b}Found"), "AgentError");
+        assert_eq!(reason(&"A".repeat(65)), "AgentError");
+        assert_eq!(reason(""), "");
+    }
 
     #[test]
     fn transition_time_moves_only_on_a_status_change() {

@@ -1,0 +1,163 @@
+//! A hostile agent, driven by hand over the real protocol with a real device certificate:
+//! what it says reaches the API server bounded.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use e2e::fixture::host_root;
+use e2e::lr::{self, Cmd};
+use kube::api::Api;
+use liveresponse_api::crd::{CommandPhase, Device, SessionPhase};
+use liveresponse_api::proto::agent_gateway_client::AgentGatewayClient;
+use liveresponse_api::proto::{
+    AgentMessage, CommandEvent, Completed, Heartbeat, Hello, Outcome, PROTOCOL_VERSION,
+    agent_message, command_event, operator_message,
+};
+use tokio::sync::mpsc;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::Env;
+
+const T: Duration = Duration::from_secs(60);
+
+/// An agent that answers its command with a 10 MiB error message and a reason full of
+/// control characters, after a hello with a 1 MiB hostname: the command fails with a
+/// bounded message, the Device's hostname is bounded, and the operator keeps serving.
+pub async fn oversized_agent_strings_are_bounded(env: &'static Env) -> Result<()> {
+    let ns = "lr-hostile-agent";
+    let device = "mouthy";
+    let stack = &env.stack;
+    let root = host_root("hostile-agent")?;
+    stack.tenant(ns, "")?;
+    // The real agent enrolls once; the test then speaks for it with its certificate.
+    stack.start_agent(ns, device, &root, &[])?;
+    stack.wait_device(ns, device, true, T)?;
+    stack.kill_agent(ns, device);
+    stack.wait_device(ns, device, false, T)?;
+    let dir = stack.agent_dir(ns, device);
+    let tls = ClientTlsConfig::new()
+        .domain_name("127.0.0.1")
+        .ca_certificate(Certificate::from_pem(std::fs::read_to_string(
+            stack.ca_file(),
+        )?))
+        .identity(Identity::from_pem(
+            std::fs::read_to_string(dir.join("device.crt"))?,
+            std::fs::read_to_string(dir.join("device.key"))?,
+        ));
+    let ch = Endpoint::from_shared(stack.gateway()?)?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    tx.send(AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            hostname: "h".repeat(1 << 20),
+            os: "linux".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut inbound = AgentGatewayClient::new(ch)
+        .max_encoding_message_size(64 << 20)
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let beat = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let hb = AgentMessage {
+                    msg: Some(agent_message::Msg::Heartbeat(Heartbeat::default())),
+                };
+                if tx.send(hb).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let result = async {
+        stack.wait_device(ns, device, true, T)?;
+        let client = env.cluster.client("analyst-advanced").await?;
+        lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
+        lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
+        Cmd::new("s", "processes", &[])
+            .create(&client, ns, "big-error")
+            .await?;
+        // Answer the Execute the operator sends.
+        let exec = tokio::time::timeout(T, async {
+            loop {
+                match inbound.message().await? {
+                    Some(m) => {
+                        if let Some(operator_message::Msg::Execute(e)) = m.msg {
+                            return Ok::<_, anyhow::Error>(e);
+                        }
+                    }
+                    None => bail!("the gateway closed the stream"),
+                }
+            }
+        })
+        .await
+        .context("no Execute within 60s")??;
+        let huge = "E".repeat(10 << 20);
+        tx.send(AgentMessage {
+            msg: Some(agent_message::Msg::Event(CommandEvent {
+                command_uid: exec.command_uid.clone(),
+                event: Some(command_event::Event::Completed(Completed {
+                    outcome: Outcome::Failed as i32,
+                    exit_code: 1,
+                    error_reason: "Bad\u{1b}[2JReason".into(),
+                    error_message: huge,
+                    warnings: vec!["w".repeat(10 << 10); 300],
+                    working_directory: format!("/{}", "d".repeat(1 << 20)),
+                    ..Default::default()
+                })),
+            })),
+        })
+        .await?;
+        let c = lr::wait_final(&client, ns, "big-error", T).await?;
+        let st = c.status.clone().context("no status")?;
+        let err = st.error.context("no error")?;
+        ensure!(
+            lr::phase(&c) == Some(CommandPhase::Failed),
+            "phase {:?}",
+            lr::phase(&c)
+        );
+        ensure!(err.reason == "AgentError", "reason {:?}", err.reason);
+        ensure!(
+            err.message.len() <= 4200 && err.message.starts_with("EEEE"),
+            "message of {} bytes",
+            err.message.len()
+        );
+        ensure!(
+            err.message.ends_with("more bytes cut]"),
+            "the cut is not said: …{}",
+            &err.message[err.message.len().saturating_sub(60)..]
+        );
+        let warnings = st.output.map(|o| o.warnings).unwrap_or_default();
+        let total: usize = warnings.iter().map(String::len).sum();
+        ensure!(
+            warnings.len() <= 102 && total <= 200 * 1024,
+            "{} warnings, {total} bytes",
+            warnings.len()
+        );
+        let dev = Api::<Device>::namespaced(env.cluster.client("admin").await?, ns)
+            .get(device)
+            .await?;
+        let hostname = dev
+            .status
+            .and_then(|s| s.hostname)
+            .context("no hostname recorded")?;
+        ensure!(
+            hostname.len() <= 300,
+            "hostname of {} bytes",
+            hostname.len()
+        );
+        Ok(())
+    }
+    .await;
+    beat.abort();
+    drop(tx);
+    result
+}
