@@ -10,6 +10,7 @@ mod agent_protocol;
 mod api;
 mod console;
 mod control_plane;
+mod defence;
 mod live;
 mod pipeline;
 
@@ -86,6 +87,7 @@ fn main() {
         console::interactive_console,
         console::exec_for_scripts,
         agent_protocol::oversized_agent_strings_are_bounded,
+        defence::metadata_of_others_objects_is_refused,
         pipeline::brief_disconnect_keeps_running_commands,
         pipeline::offline_device_commands_wait_and_run_in_order,
         pipeline::offline_queue_timeout_ends_commands_and_session,
@@ -96,6 +98,7 @@ fn main() {
         env,
         live::second_replica_waits_for_the_lease,
         live::operator_restart_loses_nothing,
+        defence::advanced_verbs_fail_closed_without_the_tier_binding,
         // Alone: a stopped agent must not slow the others, and B's latency is only
         // comparable before/during without other tests' load.
         pipeline::stalled_agent_does_not_stall_other_tenants,

@@ -6,6 +6,9 @@ use super::{Condition, Time};
 /// Annotation admission stamps on every new Command with the user who created it
 /// (config/admission/command-requester.yaml); users can neither set nor change it.
 pub const REQUESTED_BY_ANNOTATION: &str = "liveresponse.io/requested-by";
+/// Annotation admission stamps with the creator's groups, comma-separated, so the operator
+/// can re-check what the creator may do (a SubjectAccessReview).
+pub const REQUESTED_BY_GROUPS_ANNOTATION: &str = "liveresponse.io/requested-by-groups";
 
 /// One command typed in a live response session, as the console (or GitOps, or a playbook)
 /// creates it. Its status is the command log entry: phase, timing, exit code and output.

@@ -17,11 +17,11 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use liveresponse_api::command::{Invocation, TimeoutClass, parse_command};
+use liveresponse_api::command::{Invocation, Tier, TimeoutClass, parse_command};
 use liveresponse_api::crd::{
     Command, CommandError, CommandOutput, CommandPhase, CommandStatus, CommandStep,
-    LiveResponseSession, OutputFormat, REQUESTED_BY_ANNOTATION, SessionPhase, SettingsSpec, Time,
-    parse_duration, parse_size,
+    LiveResponseSession, OutputFormat, REQUESTED_BY_ANNOTATION, REQUESTED_BY_GROUPS_ANNOTATION,
+    SessionPhase, SettingsSpec, Time, parse_duration, parse_size,
 };
 use liveresponse_api::proto::{self, CancelReason, Execute, Outcome};
 use serde_json::json;
@@ -116,6 +116,9 @@ pub struct Observed {
     /// finished: `Some(true)` when it has no id yet (its number is being taken).
     pub blocked_by_earlier: Option<bool>,
     pub exec: ExecState,
+    /// The API server's answer, asked again by the operator, whether the requester may run
+    /// this verb (advanced verbs only): defence in depth behind the admission policies.
+    pub access: Result<(), String>,
 }
 
 /// One execution to send to the agent.
@@ -308,6 +311,19 @@ fn decide_pending(
             );
         }
         Some(_) => {}
+    }
+    if let Err(why) = &o.access {
+        return fail(CommandPhase::Failed, "Forbidden", why.clone());
+    }
+    if c.spec.background && !inv.spec.background_allowed {
+        return fail(
+            CommandPhase::Failed,
+            "BackgroundNotAllowed",
+            format!(
+                "{} cannot run in the background: run it without `&` (spec.background: false)",
+                inv.spec.name
+            ),
+        );
     }
     if let Some(p) = session_ended {
         return fail(
@@ -627,6 +643,12 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
         .as_ref()
         .map(|s| ctx.device_facts(&(ns.clone(), s.device.clone())))
         .unwrap_or_default();
+    let access = match (&parsed, phase(c)) {
+        (Ok(inv), None | Some(CommandPhase::Pending)) if inv.spec.tier == Tier::Advanced => {
+            may_run_advanced(c, ctx).await?
+        }
+        _ => Ok(()),
+    };
     let exec = current_execution(c, parsed.as_ref().ok());
     let uid = c.uid().unwrap_or_default();
     let inflight = ctx.gateway.inflight(&exec.uid);
@@ -646,6 +668,57 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
             report: ctx.gateway.report(&exec.uid),
             just_finished: ctx.just_finished(&uid),
         },
+        access,
+    })
+}
+
+/// Asks the API server whether the command's creator may create `commands/advanced` in its
+/// namespace, as the tier admission policy does: if that policy's binding is missing, an
+/// advanced verb still fails, here.
+async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), String>> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let ns = c.namespace().unwrap_or_default();
+    let user = c.annotations().get(REQUESTED_BY_ANNOTATION).cloned();
+    let groups = c.annotations().get(REQUESTED_BY_GROUPS_ANNOTATION).cloned();
+    let (Some(user), Some(groups)) = (user, groups) else {
+        return Ok(Err(format!(
+            "the command does not say who created it ({REQUESTED_BY_ANNOTATION} and {REQUESTED_BY_GROUPS_ANNOTATION}): install the admission policies in config/admission"
+        )));
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.clone()),
+            groups: Some(
+                groups
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(liveresponse_api::GROUP.into()),
+                resource: Some("commands".into()),
+                subresource: Some("advanced".into()),
+                verb: Some("create".into()),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
+    let answer = api.create(&Default::default(), &review).await?;
+    let allowed = answer.status.is_some_and(|s| s.allowed);
+    Ok(if allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{user} may not run the advanced command {}: it needs the liveresponse-advanced role (create on commands/advanced in namespace {ns}); ask your live response administrator for it",
+            c.spec.command
+        ))
     })
 }
 

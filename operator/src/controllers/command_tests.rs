@@ -87,6 +87,7 @@ fn obs(c: &Command) -> Observed {
         },
         blocked_by_earlier: None,
         exec: ExecState::default(),
+        access: Ok(()),
     }
 }
 
@@ -169,6 +170,27 @@ fn pending_typed_by_someone_else_fails() {
     let f = finish(decide(&c, &obs(&c)));
     assert_eq!(f.reason, "NotSessionOwner");
     assert!(f.message.contains("mallory"), "{}", f.message);
+}
+
+#[test]
+fn an_advanced_verb_the_api_server_denies_fails_closed() {
+    let c = cmd("getfile", &["/etc/shadow"], None);
+    let mut o = obs(&c);
+    o.access = Err("analyst-basic may not run the advanced command getfile".into());
+    let f = finish(decide(&c, &o));
+    assert_eq!(
+        (f.phase, f.reason.as_str()),
+        (CommandPhase::Failed, "Forbidden")
+    );
+    assert!(f.message.contains("analyst-basic"), "{}", f.message);
+}
+
+#[test]
+fn a_verb_that_may_not_run_in_the_background_is_refused() {
+    let mut c = cmd("cd", &["/tmp"], None);
+    c.spec.background = true;
+    let f = finish(decide(&c, &obs(&c)));
+    assert_eq!(f.reason, "BackgroundNotAllowed");
 }
 
 #[test]
