@@ -161,3 +161,155 @@ pub async fn oversized_agent_strings_are_bounded(env: &'static Env) -> Result<()
     drop(tx);
     result
 }
+
+/// Attaches as `device` with the certificate in its agent's state folder, saying `hostname`
+/// in the hello; returns the stream (or the gateway's refusal) and the sender to keep it open.
+async fn attach_as(
+    env: &Env,
+    ns: &str,
+    device: &str,
+    hostname: &str,
+) -> Result<(
+    std::result::Result<tonic::Streaming<liveresponse_api::proto::OperatorMessage>, tonic::Status>,
+    mpsc::Sender<AgentMessage>,
+)> {
+    let stack = &env.stack;
+    let dir = stack.agent_dir(ns, device);
+    let tls = ClientTlsConfig::new()
+        .domain_name("127.0.0.1")
+        .ca_certificate(Certificate::from_pem(std::fs::read_to_string(
+            stack.ca_file(),
+        )?))
+        .identity(Identity::from_pem(
+            std::fs::read_to_string(dir.join("device.crt"))?,
+            std::fs::read_to_string(dir.join("device.key"))?,
+        ));
+    let ch = Endpoint::from_shared(stack.gateway()?)?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    tx.send(AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            hostname: hostname.into(),
+            os: "linux".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let r = AgentGatewayClient::new(ch)
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|r| r.into_inner());
+    Ok((r, tx))
+}
+
+fn events(env: &Env, ns: &str, reason: &str) -> Result<String> {
+    env.cluster.kubectl_ok(
+        "admin",
+        &[
+            "-n",
+            ns,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("reason={reason}"),
+            "-o",
+            "custom-columns=NOTE:.message",
+            "--no-headers",
+        ],
+        None,
+    )
+}
+
+/// A copy of a live agent's certificate is refused (an Event and a metric say so) and the
+/// real agent keeps working; a hello cannot rename the device.
+pub async fn a_copied_certificate_is_refused_and_cannot_rename_the_device(
+    env: &'static Env,
+) -> Result<()> {
+    let ns = "lr-copied-cert";
+    let device = "original";
+    let stack = &env.stack;
+    let root = host_root("copied-cert")?;
+    stack.tenant(ns, "")?;
+    stack.start_agent(ns, device, &root, &[])?;
+    stack.wait_device(ns, device, true, T)?;
+    let admin = env.cluster.client("admin").await?;
+    let devices: Api<Device> = Api::namespaced(admin.clone(), ns);
+    let recorded = devices
+        .get(device)
+        .await?
+        .status
+        .and_then(|s| s.hostname)
+        .context("no hostname")?;
+
+    let (r, _tx) = attach_as(env, ns, device, "thief").await?;
+    match r {
+        Err(s) => ensure!(
+            s.code() == tonic::Code::AlreadyExists && s.message().contains("live connection"),
+            "the copy was refused with {s:?}"
+        ),
+        Ok(_) => bail!("a second stream with a live device's certificate was accepted"),
+    }
+    e2e::eventually("a DuplicateConnection event", T, || async {
+        Ok(events(env, ns, "DuplicateConnection")?
+            .contains("certificate")
+            .then_some(()))
+    })
+    .await?;
+    let metrics = fetch_metrics(&stack.metrics_url()?)?;
+    ensure!(
+        metrics.lines().any(
+            |l| l.starts_with("liveresponse_duplicate_connections_total") && !l.ends_with(" 0")
+        ),
+        "metric: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("duplicate"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The real agent was not disturbed.
+    let client = env.cluster.client("analyst-advanced").await?;
+    lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
+    lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
+    lr::succeeded(
+        &Cmd::new("s", "processes", &["-pid", "1"])
+            .run(&client, ns, "still-works")
+            .await?,
+    )?;
+
+    // Once the device is offline, its certificate connects, but the hello cannot rename it.
+    stack.kill_agent(ns, device);
+    stack.wait_device(ns, device, false, T)?;
+    let (r, tx) = attach_as(env, ns, device, "renamed-by-thief").await?;
+    ensure!(r.is_ok(), "the device's own certificate: {:?}", r.err());
+    stack.wait_device(ns, device, true, T)?;
+    e2e::eventually("an IdentityChanged event", T, || async {
+        Ok(events(env, ns, "IdentityChanged")?
+            .contains("renamed-by-thief")
+            .then_some(()))
+    })
+    .await?;
+    let now = devices
+        .get(device)
+        .await?
+        .status
+        .and_then(|s| s.hostname)
+        .context("no hostname")?;
+    ensure!(
+        now == recorded,
+        "the hostname changed from {recorded} to {now}"
+    );
+    drop(tx);
+    Ok(())
+}
+
+fn fetch_metrics(url: &str) -> Result<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-sf", url])
+        .output()?;
+    ensure!(out.status.success(), "curl {url} failed");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

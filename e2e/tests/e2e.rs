@@ -87,6 +87,7 @@ fn main() {
         console::interactive_console,
         console::exec_for_scripts,
         agent_protocol::oversized_agent_strings_are_bounded,
+        agent_protocol::a_copied_certificate_is_refused_and_cannot_rename_the_device,
         defence::metadata_of_others_objects_is_refused,
         pipeline::brief_disconnect_keeps_running_commands,
         pipeline::offline_device_commands_wait_and_run_in_order,

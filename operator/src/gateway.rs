@@ -129,6 +129,8 @@ pub struct Link {
     pub last_seen: Option<jiff::Timestamp>,
     /// When the stream closed (unset while connected).
     pub disconnected_at: Option<jiff::Timestamp>,
+    /// Streams refused because this device already had a live one.
+    pub duplicates_refused: u64,
 }
 
 struct Conn {
@@ -373,20 +375,45 @@ impl Gateway {
         self.device_wakes.wake(device.clone());
     }
 
+    /// Registers a device's new stream. A device has one live stream: while the current one
+    /// showed signs of life within two heartbeats, a second stream with the same identity (a
+    /// copied certificate) is refused; an older, silent one is replaced (the agent
+    /// reconnected before the gateway noticed the old stream died).
     fn register(
         &self,
         device: DeviceKey,
         hello: Hello,
         tx: mpsc::Sender<Result<OperatorMessage, Status>>,
-    ) -> u64 {
+    ) -> Result<u64, Status> {
+        let now = jiff::Timestamp::now();
+        let live_window = jiff::SignedDuration::try_from(self.heartbeat * 2).unwrap_or_default();
         let old = {
             let mut st = self.state();
+            let live = st.agents.contains_key(&device)
+                && st
+                    .links
+                    .get(&device)
+                    .and_then(|l| l.last_seen)
+                    .is_some_and(|seen| now.duration_since(seen) < live_window);
+            if live {
+                if let Some(l) = st.links.get_mut(&device) {
+                    l.duplicates_refused += 1;
+                }
+                drop(st);
+                self.metrics.duplicate_connections.inc();
+                self.device_wakes.wake(device.clone());
+                tracing::warn!(namespace = %device.0, device = %device.1, "refused a second live stream for this device");
+                return Err(Status::already_exists(format!(
+                    "device {} already has a live connection: a second agent with the same certificate is refused",
+                    device.1
+                )));
+            }
             st.next_conn += 1;
             let id = st.next_conn;
             let link = st.links.entry(device.clone()).or_default();
             link.connected = true;
             link.hello = Some(bounded_hello(hello));
-            link.last_seen = Some(jiff::Timestamp::now());
+            link.last_seen = Some(now);
             link.disconnected_at = None;
             (st.agents.insert(device.clone(), Conn { id, tx }), id)
         };
@@ -400,7 +427,7 @@ impl Gateway {
             None => self.metrics.agents_connected.inc(),
         }
         self.device_wakes.wake(device);
-        old.1
+        Ok(old.1)
     }
 
     fn unregister(&self, device: &DeviceKey, id: u64) {
@@ -708,10 +735,13 @@ impl AgentGateway for GatewayService {
                 heartbeat_seconds: u32::try_from(gw.heartbeat.as_secs()).unwrap_or(5),
             })),
         };
+        let hostname = crate::status::truncate(&hello.hostname, 253);
+        // The welcome goes first, so no Execute can reach the agent before it; a refused
+        // registration drops the stream with it unsent.
         tx.try_send(Ok(welcome))
             .map_err(|_| Status::aborted("stream closed"))?;
-        tracing::info!(namespace = %device.0, device = %device.1, hostname = %crate::status::truncate(&hello.hostname, 253), "agent connected");
-        let conn_id = gw.register(device.clone(), hello, tx);
+        let conn_id = gw.register(device.clone(), hello, tx)?;
+        tracing::info!(namespace = %device.0, device = %device.1, %hostname, "agent connected");
         tokio::spawn(async move {
             let idle = gw.heartbeat * 3;
             // An agent that sends heartbeats in a tight loop must not flood anything.

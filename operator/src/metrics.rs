@@ -17,6 +17,8 @@ pub struct Metrics {
     pub command_latency: HistogramVec,
     /// Agents with an open stream to this replica.
     pub agents_connected: IntGauge,
+    /// Streams refused because the device already had a live one (a copied certificate).
+    pub duplicate_connections: prometheus::IntCounter,
     /// Reconcile errors by controller.
     pub reconcile_errors: IntCounterVec,
 }
@@ -53,6 +55,11 @@ impl Metrics {
             "Agents with an open stream to this operator replica",
         )
         .expect("static metric definition");
+        let duplicate_connections = prometheus::IntCounter::new(
+            "liveresponse_duplicate_connections_total",
+            "Agent streams refused because their device already had a live one",
+        )
+        .expect("static metric definition");
         let reconcile_errors = IntCounterVec::new(
             Opts::new(
                 "liveresponse_reconcile_errors_total",
@@ -67,6 +74,7 @@ impl Metrics {
             Box::new(command_latency.clone()),
             Box::new(agents_connected.clone()),
             Box::new(reconcile_errors.clone()),
+            Box::new(duplicate_connections.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -81,6 +89,7 @@ impl Metrics {
             commands,
             command_latency,
             agents_connected,
+            duplicate_connections,
             reconcile_errors,
         }
     }

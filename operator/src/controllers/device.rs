@@ -36,9 +36,14 @@ pub fn desired(
     let mut st = current.clone();
     let connected = link.is_some_and(|l| l.connected);
     if let Some(h) = link.and_then(|l| l.hello.as_ref()) {
-        st.hostname = Some(h.hostname.clone());
-        // The CRD knows three OS families; anything else an agent says is not recorded.
-        st.os = serde_json::from_value(serde_json::Value::String(h.os.clone())).ok();
+        // Hostname and OS are the device's identity: the first hello sets them, a later
+        // one cannot change them (see `identity_changes`).
+        if st.hostname.is_none() {
+            st.hostname = Some(h.hostname.clone());
+        }
+        if st.os.is_none() {
+            st.os = os_family(&h.os);
+        }
         st.os_version = Some(h.os_version.clone());
         st.arch = Some(h.arch.clone());
         st.agent_version = Some(h.agent_version.clone());
@@ -79,6 +84,37 @@ pub fn desired(
     st
 }
 
+/// The CRD knows three OS families; anything else an agent says is not recorded.
+fn os_family(os: &str) -> Option<liveresponse_api::crd::OsFamily> {
+    serde_json::from_value(serde_json::Value::String(os.to_string())).ok()
+}
+
+/// What a hello claims that differs from the identity the Device recorded: worth an Event
+/// (a stolen certificate, or a host rebuilt under the same name), never a silent overwrite.
+pub fn identity_changes(
+    current: &DeviceStatus,
+    hello: &liveresponse_api::proto::Hello,
+) -> Vec<String> {
+    let mut changes = vec![];
+    if let Some(h) = &current.hostname
+        && *h != hello.hostname
+    {
+        changes.push(format!(
+            "hostname {:?} (recorded {h:?})",
+            crate::status::truncate(&hello.hostname, 64)
+        ));
+    }
+    if let Some(os) = current.os
+        && os_family(&hello.os) != Some(os)
+    {
+        changes.push(format!(
+            "os {:?} (recorded {os:?})",
+            crate::status::truncate(&hello.os, 32)
+        ));
+    }
+    changes
+}
+
 /// The session that holds the device: a live one that is Connected (or admitted and
 /// Connecting), the oldest first.
 pub fn active_session(sessions: &[Arc<LiveResponseSession>], key: &DeviceKey) -> Option<String> {
@@ -102,6 +138,9 @@ pub fn active_session(sessions: &[Arc<LiveResponseSession>], key: &DeviceKey) ->
 pub async fn run(ctx: Arc<Context>) {
     // Whether each device was connected when last written: a change wakes its sessions.
     let mut was: HashMap<DeviceKey, bool> = HashMap::new();
+    // What was last reported as an Event per device, so a wake does not repeat it.
+    let mut refused_seen: HashMap<DeviceKey, u64> = HashMap::new();
+    let mut identity_warned: HashMap<DeviceKey, String> = HashMap::new();
     // After a restart, devices this replica never saw are marked disconnected once agents
     // had time to come back.
     let sweep = ctx.clone();
@@ -130,6 +169,38 @@ pub async fn run(ctx: Arc<Context>) {
         let link = ctx.gateway.link(&key);
         let sessions = ctx.sessions.state();
         let current = dev.status.clone().unwrap_or_default();
+        if let Some(l) = &link {
+            let seen = refused_seen.entry(key.clone()).or_insert(0);
+            if l.duplicates_refused > *seen {
+                *seen = l.duplicates_refused;
+                ctx.event(
+                    dev.as_ref(),
+                    true,
+                    "DuplicateConnection",
+                    format!(
+                        "a second agent presented this device's certificate while its stream was live and was refused ({} so far); if this device was not re-installed, its certificate may be stolen: delete the Device to revoke it",
+                        l.duplicates_refused
+                    ),
+                )
+                .await;
+            }
+            if let Some(h) = l.hello.as_ref().filter(|_| l.connected) {
+                let changes = identity_changes(&current, h);
+                let note = changes.join(", ");
+                if !changes.is_empty() && identity_warned.get(&key) != Some(&note) {
+                    ctx.event(
+                        dev.as_ref(),
+                        true,
+                        "IdentityChanged",
+                        format!(
+                            "the agent now reports {note}; the Device keeps its recorded identity. Delete and re-enroll the Device if the host really changed"
+                        ),
+                    )
+                    .await;
+                    identity_warned.insert(key.clone(), note);
+                }
+            }
+        }
         let want = desired(
             &current,
             link.as_ref(),
@@ -237,6 +308,7 @@ mod tests {
             }),
             last_seen: Some(ts(seen)),
             disconnected_at: None,
+            duplicates_refused: 0,
         }
     }
 
@@ -291,6 +363,33 @@ mod tests {
             much_later.last_seen.map(|t| t.0),
             Some(ts("2026-01-01T00:00:31Z"))
         );
+    }
+
+    #[test]
+    fn a_hello_cannot_change_the_recorded_identity() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let first = desired(
+            &DeviceStatus::default(),
+            Some(&link(true, "2026-01-01T00:00:00Z")),
+            None,
+            "op-1",
+            Some(1),
+            now,
+        );
+        let mut other = link(true, "2026-01-01T00:01:00Z");
+        if let Some(h) = other.hello.as_mut() {
+            h.hostname = "attacker".into();
+            h.os = "windows".into();
+        }
+        let after = desired(&first, Some(&other), None, "op-1", Some(1), now);
+        assert_eq!(after.hostname.as_deref(), Some("web-1"));
+        assert_eq!(after.os, first.os);
+        let hello = other.hello.unwrap_or_default();
+        let changes = identity_changes(&after, &hello);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(changes[0].contains("attacker"), "{changes:?}");
+        let same = link(true, "2026-01-01T00:01:00Z").hello.unwrap_or_default();
+        assert!(identity_changes(&after, &same).is_empty());
     }
 
     #[test]
