@@ -120,7 +120,8 @@ impl OutputSink {
         inline.truncate(INLINE_LIMIT);
         // An agent's text is UTF-8, but the cut may split a character, and a hostile agent
         // may send anything: keep the valid prefix of a cut, replace anything else.
-        let inline = match String::from_utf8(inline) {
+        let mut truncated = truncated;
+        let mut inline = match String::from_utf8(inline) {
             Ok(s) => s,
             Err(e) => {
                 let valid = e.utf8_error().valid_up_to();
@@ -132,6 +133,12 @@ impl OutputSink {
                 }
             }
         };
+        // Each replaced byte takes three: keep the inline part within its limit all the same
+        // (found by the property test below).
+        if inline.len() > INLINE_LIMIT {
+            inline = crate::status::truncate(&inline, INLINE_LIMIT);
+            truncated = true;
+        }
         Ok(OutputSummary {
             inline,
             truncated,
@@ -220,5 +227,40 @@ mod tests {
         s.push(&[0x66, 0xff, 0x6f]);
         let out = s.finish(3, "").map(|o| o.inline);
         assert_eq!(out, Ok("f\u{fffd}o".into()));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever an agent sends, in whatever chunks: no panic, bounded memory, and a
+        /// summary that is the whole's size and hash with a valid prefix inline.
+        #[test]
+        fn any_chunks_give_a_faithful_bounded_summary(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40_000), 0..8),
+            limit in 0u64..400_000,
+        ) {
+            let whole: Vec<u8> = chunks.concat();
+            let mut s = OutputSink::new(limit);
+            for c in &chunks {
+                s.push(c);
+                proptest::prop_assert!(s.held() <= INLINE_LIMIT + 1);
+            }
+            match s.finish(whole.len() as u64, &sha(&whole)) {
+                Ok(out) => {
+                    proptest::prop_assert!(whole.len() as u64 <= limit);
+                    proptest::prop_assert_eq!(out.size, whole.len() as u64);
+                    proptest::prop_assert_eq!(out.sha256, sha(&whole));
+                    proptest::prop_assert!(out.inline.len() <= INLINE_LIMIT);
+                    if std::str::from_utf8(&whole).is_ok() {
+                        proptest::prop_assert_eq!(out.truncated, whole.len() > INLINE_LIMIT);
+                    }
+                    if std::str::from_utf8(&whole).is_ok() {
+                        proptest::prop_assert!(whole.starts_with(out.inline.as_bytes()));
+                    }
+                }
+                Err(OutputProblem::TooLarge { .. }) => proptest::prop_assert!(whole.len() as u64 > limit),
+                Err(other) => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
     }
 }
