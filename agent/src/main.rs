@@ -105,6 +105,16 @@ async fn run(args: Args, levels: SessionLevels) -> Result<()> {
             token.trim(),
         )
         .await?;
+        // The token is a bearer secret: once it has served, it must not lie around on the
+        // host. A read-only mount (a Secret volume) is the admin's to remove.
+        match std::fs::remove_file(token_file) {
+            Ok(()) => {
+                tracing::info!(file = %token_file.display(), "enrolled; removed the bootstrap token file")
+            }
+            Err(e) => {
+                tracing::warn!(file = %token_file.display(), error = %e, "enrolled, but could not remove the bootstrap token file: remove it by hand")
+            }
+        }
     }
     let executor = Executor::new(
         liveresponse_agent::provider::for_this_os(),

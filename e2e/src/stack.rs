@@ -438,7 +438,13 @@ impl Stack {
         if self.agent_pid(ns, device).is_some() {
             return Ok(());
         }
-        let token = self.bootstrap_token(ns)?;
+        // Each agent gets its own copy of the namespace's token: an agent deletes its token
+        // file once enrolled.
+        let shared = self.bootstrap_token(ns)?;
+        let dir = self.agent_dir(ns, device);
+        std::fs::create_dir_all(&dir)?;
+        let token = dir.join("bootstrap.token");
+        std::fs::copy(&shared, &token)?;
         let mut args: Vec<String> = vec![
             "--gateway".into(),
             gateway.into(),

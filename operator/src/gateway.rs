@@ -7,7 +7,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use liveresponse_api::crd::{Command, Device, DeviceSpec, Enrollment};
@@ -168,6 +169,10 @@ pub struct Gateway {
     /// Devices whose link changed (connected, seen, disconnected).
     pub device_wakes: WakeQueue<DeviceKey>,
     metrics: crate::metrics::Metrics,
+    tokens: std::sync::OnceLock<kube::runtime::reflector::Store<Secret>>,
+    /// Enrollments per source address in the current minute.
+    enrollments: Mutex<HashMap<std::net::IpAddr, (Instant, u32)>>,
+    enroll_per_minute: u32,
 }
 
 impl Gateway {
@@ -187,6 +192,9 @@ impl Gateway {
             command_wakes: WakeQueue::new(),
             device_wakes: WakeQueue::new(),
             metrics,
+            tokens: std::sync::OnceLock::new(),
+            enrollments: Mutex::new(HashMap::new()),
+            enroll_per_minute: 60,
         })
     }
 
@@ -547,12 +555,15 @@ impl Gateway {
                 "device name {name:?} is not valid: use lowercase letters, digits and '-', at most 63 characters"
             )));
         }
-        if req.bootstrap_token.is_empty() || !self.token_is_valid(ns, &req.bootstrap_token).await? {
+        let Some(secret) = self.find_token(ns, &req.bootstrap_token).await? else {
             // Same answer whatever was wrong, so a caller learns nothing about the namespace.
             return Err(Status::unauthenticated(
                 "the bootstrap token is not valid for this namespace: ask your live response administrator for a current token",
             ));
-        }
+        };
+        // Whoever holds the token may learn why it does not serve them.
+        check_token(&secret, name, jiff::Timestamp::now()).map_err(Status::permission_denied)?;
+        self.check_not_revoked(ns, name).await?;
         let devices: Api<Device> = Api::namespaced(self.client.clone(), ns);
         let existing = devices.get_opt(name).await.map_err(internal)?;
         if existing
@@ -563,6 +574,7 @@ impl Gateway {
                 "device {name} is already enrolled in {ns}; to enroll this host again, delete the Device first (kubectl -n {ns} delete lrdev {name})"
             )));
         }
+        self.count_use(ns, &secret.name_any(), name).await?;
         let (cert_pem, fp) = self
             .ca
             .sign_device(&req.csr_pem, ns, name)
@@ -608,18 +620,105 @@ impl Gateway {
         })
     }
 
-    async fn token_is_valid(&self, ns: &str, token: &str) -> Result<bool, Status> {
+    /// The bootstrap token Secret of `ns` holding `token`: from the cache of labelled
+    /// Secrets, or (a token created moments ago) from the API server.
+    async fn find_token(&self, ns: &str, token: &str) -> Result<Option<Secret>, Status> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let holds = |s: &Secret| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get("token"))
+                .is_some_and(|t| constant_time_eq(&t.0, token.as_bytes()))
+        };
+        if let Some(store) = self.tokens.get()
+            && let Some(s) = store
+                .state()
+                .into_iter()
+                .find(|s| s.namespace().as_deref() == Some(ns) && holds(s))
+        {
+            return Ok(Some((*s).clone()));
+        }
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let list = secrets
             .list(&ListParams::default().labels(&format!("{BOOTSTRAP_LABEL}=true")))
             .await
             .map_err(internal)?;
-        Ok(list.items.iter().any(|s| {
-            s.data
-                .as_ref()
-                .and_then(|d| d.get("token"))
-                .is_some_and(|t| constant_time_eq(&t.0, token.as_bytes()))
-        }))
+        Ok(list.items.into_iter().find(holds))
+    }
+
+    /// At most `enroll_per_minute` enrollments per source address and minute: a guessed or
+    /// leaked token cannot be tried at line rate.
+    fn limit_enrollments(&self, ip: std::net::IpAddr) -> Result<(), Status> {
+        let mut m = self.enrollments.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 10_000 {
+            m.retain(|_, (start, _)| start.elapsed() < Duration::from_secs(60));
+        }
+        let e = m.entry(ip).or_insert((Instant::now(), 0));
+        if e.0.elapsed() >= Duration::from_secs(60) {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+        if e.1 > self.enroll_per_minute {
+            return Err(Status::resource_exhausted(format!(
+                "more than {} enrollments from {ip} in a minute; wait a minute and retry",
+                self.enroll_per_minute
+            )));
+        }
+        Ok(())
+    }
+
+    /// Gives the token cache to the gateway (it starts before the caches do).
+    pub fn set_token_store(&self, store: kube::runtime::reflector::Store<Secret>) {
+        let _ = self.tokens.set(store);
+    }
+
+    /// A device whose Device was deleted (revoked) may not enroll again until an admin
+    /// clears its record.
+    async fn check_not_revoked(&self, ns: &str, name: &str) -> Result<(), Status> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let record = cms.get_opt(REVOKED_CONFIGMAP).await.map_err(internal)?;
+        if let Some(when) = record
+            .and_then(|c| c.data)
+            .and_then(|d| d.get(name).cloned())
+        {
+            return Err(Status::permission_denied(format!(
+                "device {name} was revoked ({when}); a live response administrator must clear the record before it enrolls again: kubectl -n {ns} patch configmap {REVOKED_CONFIGMAP} --type json -p '[{{\"op\":\"remove\",\"path\":\"/data/{name}\"}}]'"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Counts one use of the token (compare-and-set on its `uses` annotation), refusing
+    /// when it has none left.
+    async fn count_use(&self, ns: &str, secret: &str, device: &str) -> Result<(), Status> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        for _ in 0..10 {
+            let Some(fresh) = secrets.get_opt(secret).await.map_err(internal)? else {
+                return Err(Status::unauthenticated(
+                    "the bootstrap token was deleted: ask your live response administrator for a current token",
+                ));
+            };
+            check_token(&fresh, device, jiff::Timestamp::now())
+                .map_err(Status::permission_denied)?;
+            let uses = token_uses(&fresh) + 1;
+            let patch = serde_json::json!({ "metadata": {
+                "resourceVersion": fresh.resource_version(),
+                "annotations": { USES_ANNOTATION: uses.to_string() },
+            }});
+            match secrets
+                .patch(secret, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        Err(Status::unavailable(
+            "the bootstrap token is being used by many devices at once; retry",
+        ))
     }
 
     /// Who is on the other end of a stream: the device its certificate was issued for, as
@@ -652,6 +751,113 @@ impl Gateway {
                 "the certificate for device {name} in {ns} is revoked (the Device was deleted or re-enrolled); enroll again"
             ))),
         }
+    }
+}
+
+/// Records in the tenant namespace that a device was revoked, so its old bootstrap token
+/// cannot enroll it again until an admin clears the record.
+pub const REVOKED_CONFIGMAP: &str = "liveresponse-revoked-devices";
+/// How many devices a bootstrap token enrolled (kept by the operator on the Secret).
+pub const USES_ANNOTATION: &str = "liveresponse.io/uses";
+
+fn token_uses(s: &Secret) -> u64 {
+    s.annotations()
+        .get(USES_ANNOTATION)
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(0)
+}
+
+fn token_field(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether a bootstrap token Secret may enroll `device` now: its optional `expiration` (RFC
+/// 3339), `max-uses` and `device-name-pattern` (`*` matches any run of characters).
+pub fn check_token(s: &Secret, device: &str, now: jiff::Timestamp) -> Result<(), String> {
+    if let Some(exp) = token_field(s, "expiration") {
+        let exp: jiff::Timestamp = exp.parse().map_err(|_| {
+            format!("the bootstrap token's expiration {exp:?} is not an RFC 3339 time; ask your administrator to fix the Secret")
+        })?;
+        if now >= exp {
+            return Err(format!(
+                "the bootstrap token expired at {exp}: ask your live response administrator for a current token"
+            ));
+        }
+    }
+    if let Some(max) = token_field(s, "max-uses") {
+        let max: u64 = max.parse().map_err(|_| {
+            format!("the bootstrap token's max-uses {max:?} is not a number; ask your administrator to fix the Secret")
+        })?;
+        if token_uses(s) >= max {
+            return Err(format!(
+                "the bootstrap token was already used {max} time(s), its limit: ask your live response administrator for a new token"
+            ));
+        }
+    }
+    if let Some(pattern) = token_field(s, "device-name-pattern")
+        && !glob_match(&pattern, device)
+    {
+        return Err(format!(
+            "this bootstrap token enrolls only devices named {pattern:?}, not {device:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Writes the revocation record of a deleted Device.
+pub async fn record_revocation(client: kube::Client, ns: &str, name: &str) -> kube::Result<()> {
+    let cms: Api<ConfigMap> = Api::namespaced(client, ns);
+    let note = format!(
+        "revoked at {}: its Device was deleted; remove this key to let it enroll again",
+        jiff::Timestamp::now()
+    );
+    let patch = serde_json::json!({ "data": { name: note } });
+    match cms
+        .patch(
+            REVOKED_CONFIGMAP,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(REVOKED_CONFIGMAP.into()),
+                    namespace: Some(ns.into()),
+                    ..Default::default()
+                },
+                data: Some([(name.to_string(), note)].into_iter().collect()),
+                ..Default::default()
+            };
+            cms.create(&PostParams::default(), &cm).await.map(|_| ())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -692,6 +898,9 @@ impl AgentGateway for GatewayService {
         &self,
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
+        if let Some(addr) = req.remote_addr() {
+            self.0.limit_enrollments(addr.ip())?;
+        }
         self.0.enroll(req.into_inner()).await.map(Response::new)
     }
 
@@ -786,6 +995,72 @@ mod tests {
         assert!(!is_dns_label("-a"));
         assert!(!is_dns_label(&"a".repeat(64)));
         assert!(!is_dns_label("../x"));
+    }
+
+    fn token(fields: &[(&str, &str)], uses: Option<&str>) -> Secret {
+        let mut s = Secret {
+            data: Some(
+                fields
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        if let Some(u) = uses {
+            s.metadata.annotations = Some([(USES_ANNOTATION.to_string(), u.to_string())].into());
+        }
+        s
+    }
+
+    #[test]
+    fn bootstrap_token_policies() {
+        let now: jiff::Timestamp = "2026-06-01T00:00:00Z".parse().unwrap_or_default();
+        assert_eq!(
+            check_token(&token(&[("token", "t")], None), "web-1", now),
+            Ok(())
+        );
+        let expired = token(
+            &[("token", "t"), ("expiration", "2026-05-31T23:59:59Z")],
+            None,
+        );
+        let e = check_token(&expired, "web-1", now)
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("expired"), "{e}");
+        let fresh = token(
+            &[("token", "t"), ("expiration", "2026-06-02T00:00:00Z")],
+            None,
+        );
+        assert_eq!(check_token(&fresh, "web-1", now), Ok(()));
+        let used = token(&[("token", "t"), ("max-uses", "2")], Some("2"));
+        let e = check_token(&used, "web-1", now).err().unwrap_or_default();
+        assert!(e.contains("already used 2"), "{e}");
+        let left = token(&[("token", "t"), ("max-uses", "2")], Some("1"));
+        assert_eq!(check_token(&left, "web-1", now), Ok(()));
+        let named = token(&[("token", "t"), ("device-name-pattern", "web-*")], None);
+        assert_eq!(check_token(&named, "web-1", now), Ok(()));
+        let e = check_token(&named, "db-1", now).err().unwrap_or_default();
+        assert!(e.contains("web-*"), "{e}");
+        let bad = token(&[("token", "t"), ("expiration", "tomorrow")], None);
+        assert!(check_token(&bad, "web-1", now).is_err());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("web-*", "web-1"));
+        assert!(glob_match("*-prod", "db-prod"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxcyyb"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(glob_match("*", "anything"));
+        assert!(!glob_match("ab*ba", "aba"));
     }
 
     #[test]

@@ -179,6 +179,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         device_writer,
         client.clone(),
     ));
+    // Bootstrap tokens, looked up at each enrollment: a cache of the labelled Secrets only.
+    let (token_store, token_writer) = reflector::store::<k8s_openapi::api::core::v1::Secret>();
+    gateway.set_token_store(token_store);
+    let tokens_api = Api::<k8s_openapi::api::core::v1::Secret>::all(client.clone());
+    tokio::spawn(
+        reflector::reflector(
+            token_writer,
+            watcher(
+                tokens_api,
+                watcher::Config::default().labels(&format!(
+                    "{}=true",
+                    liveresponse_operator::gateway::BOOTSTRAP_LABEL
+                )),
+            ),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
+    );
     let settings_api = Api::<LiveResponseSettings>::all(client.clone());
     tokio::spawn(
         reflector::reflector(settings_writer, watcher(settings_api, cfg.clone()))

@@ -276,7 +276,7 @@ pub async fn watch(
     writer: kube::runtime::reflector::store::Writer<Device>,
     client: kube::Client,
 ) {
-    let api: Api<Device> = Api::all(client);
+    let api: Api<Device> = Api::all(client.clone());
     let stream = kube::runtime::reflector(writer, watcher(api, watcher::Config::default()))
         .default_backoff();
     futures::pin_mut!(stream);
@@ -285,6 +285,10 @@ pub async fn watch(
             let key = (d.namespace().unwrap_or_default(), d.name_any());
             tracing::info!(namespace = %key.0, device = %key.1, "device deleted; revoking its agent");
             ctx_gateway.disconnect_device(&key);
+            if let Err(e) = crate::gateway::record_revocation(client.clone(), &key.0, &key.1).await
+            {
+                tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "could not record the revocation");
+            }
         }
     }
 }
