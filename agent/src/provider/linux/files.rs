@@ -198,12 +198,14 @@ pub(super) fn fileinfo(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRes
     let accounts = Accounts::load(&hfs);
     let (owner, group) = owner_of(&accounts, &meta);
 
-    // Only regular files: a device or FIFO would never end, or block.
-    let hashes = if meta.is_file() {
-        let host = hfs.host_path(&canonical);
-        Some(hash_file(ctx, &host).map_err(|e| io_error(&e, &canonical))??)
-    } else {
+    // Directories are described without content. Anything else but a regular file on a
+    // real file system is refused on the opened descriptor (a FIFO would block, a device
+    // never end, /proc/kmsg drain the kernel log): better a clear error than a hang.
+    let hashes = if meta.is_dir() {
         None
+    } else {
+        let host = hfs.host_path(&canonical);
+        Some(hash_file(ctx, &host, &canonical).map_err(|e| e.into_exec(&canonical))?)
     };
     let record = FileInfoRecord {
         requested_path: (requested != canonical).then_some(requested),
