@@ -147,9 +147,8 @@ impl<'a> HostFs<'a> {
         if canonical == "/dev/null" {
             return Ok(String::new());
         }
-        let result = open_regular(&self.host_path(&canonical), device, false).and_then(
-            |(mut file, meta)| read_bounded(&mut file, &meta, cap, device, self.ctx),
-        );
+        let result = open_regular(&self.host_path(&canonical), device, false)
+            .and_then(|(mut file, meta)| read_bounded(&mut file, &meta, cap, device, self.ctx));
         match result {
             Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
             Err(ReadError::Io(e)) => Err(e),
@@ -610,7 +609,11 @@ fn reopen(handle: &fs::File, host: &Path) -> io::Result<fs::File> {
     let by_fd = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
     // Without /proc (a minimal container), the path is opened again; the caller compares
     // the inodes, and O_NOFOLLOW still refuses a link swapped in.
-    let path = if by_fd.exists() { by_fd.as_path() } else { host };
+    let path = if by_fd.exists() {
+        by_fd.as_path()
+    } else {
+        host
+    };
     let flags = libc::O_NONBLOCK | libc::O_NOCTTY;
     let extra = if path == host { libc::O_NOFOLLOW } else { 0 };
     let open = |noatime: i32| {
@@ -842,7 +845,10 @@ mod tests {
             "/dev/zero is a character device; not read"
         );
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
-        assert_eq!(ctx.take_notes(), vec!["skipped /etc/fifo is a FIFO; not read"]);
+        assert_eq!(
+            ctx.take_notes(),
+            vec!["skipped /etc/fifo is a FIFO; not read"]
+        );
     }
 
     #[test]
@@ -884,7 +890,8 @@ mod tests {
             err.to_string(),
             "/huge is 30 GiB, more than the 4 MiB read of such files; not read"
         );
-        ctx.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+        ctx.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let err = hash_file(&ctx, &root.join("huge"), "/huge").unwrap_err();
         assert!(matches!(err, ReadError::Stopped(ExecError::Cancelled)));
         assert_eq!(human_size(1536), "1.5 KiB");

@@ -1137,9 +1137,9 @@ mod tests {
         let result = run(&ctx(root), "persistence", &[]).unwrap();
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert!(
-            result
-                .warnings
-                .contains(&"skipped /home/mallory/.ssh/authorized_keys is a FIFO; not read".to_owned()),
+            result.warnings.contains(
+                &"skipped /home/mallory/.ssh/authorized_keys is a FIFO; not read".to_owned()
+            ),
             "{:?}",
             result.warnings
         );
