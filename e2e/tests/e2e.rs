@@ -93,6 +93,7 @@ fn main() {
         hostile::fileinfo_refuses_what_is_not_a_file,
         hostile::persistence_survives_a_hostile_home,
         hostile::cancel_ends_a_busy_command_within_5s,
+        hostile::symlinks_never_leave_the_host_root,
     ];
     let serial = trials![
         env,

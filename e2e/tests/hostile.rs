@@ -259,3 +259,77 @@ pub async fn cancel_ends_a_busy_command_within_5s(env: &'static Env) -> Result<(
     s.kill_agent(ns, "busy-host");
     Ok(())
 }
+
+/// Links under the host root that point out of it, absolute (`/etc`) and by `..`
+/// (`../../../../etc`), are never followed out of it by fileinfo, dir or findfile: they
+/// lead to the root's own /etc, and a file only the machine's /etc has is not found.
+pub async fn symlinks_never_leave_the_host_root(env: &'static Env) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let ns = "lr-hostile-links";
+    let root = host_root("hostile-links")?;
+    let inside = "root:x:0:0:inside the host root:/root:/bin/sh\n";
+    write(&root, "/etc/passwd", inside)?;
+    write(&root, "/data/readme", "x")?;
+    std::os::unix::fs::symlink("/etc", root.join("data/abs"))?;
+    std::os::unix::fs::symlink("../../../../../../../../etc", root.join("data/rel"))?;
+    let s = &env.stack;
+    s.tenant(ns, "")?;
+    s.start_agent(ns, "links-host", &root, &[])?;
+    s.wait_device(ns, "links-host", true, T)?;
+    let client = env.cluster.client("analyst-advanced").await?;
+    session(&client, ns, "s", "links-host").await?;
+    let sha = hex::encode(Sha256::digest(inside.as_bytes()));
+
+    for (i, link) in ["/data/abs", "/data/rel"].into_iter().enumerate() {
+        let path = format!("{link}/passwd");
+        let c = Cmd::new("s", "fileinfo", &[&path])
+            .json()
+            .run(&client, ns, &format!("info-{i}"))
+            .await?;
+        lr::succeeded(&c)?;
+        let records = lr::records(&c)?;
+        ensure!(
+            records
+                .first()
+                .is_some_and(|r| r["sha256"] == sha.as_str() && r["path"] == "/etc/passwd"),
+            "fileinfo {path} left the root: {records:?}"
+        );
+        // /etc/hostname exists on the machine, not in the root.
+        let missing = format!("{link}/hostname");
+        let c = Cmd::new("s", "fileinfo", &[&missing])
+            .run(&client, ns, &format!("missing-{i}"))
+            .await?;
+        ensure!(
+            lr::phase(&c) == Some(CommandPhase::Failed),
+            "fileinfo {missing} found something: {:?}",
+            lr::content(&c)
+        );
+
+        let c = Cmd::new("s", "dir", &[link])
+            .json()
+            .run(&client, ns, &format!("dir-{i}"))
+            .await?;
+        lr::succeeded(&c)?;
+        let names: Vec<String> = lr::records(&c)?
+            .iter()
+            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+            .collect();
+        ensure!(names == ["passwd"], "dir {link} listed {names:?}");
+
+        let c = Cmd::new("s", "findfile", &["*", "-root", link])
+            .json()
+            .run(&client, ns, &format!("find-{i}"))
+            .await?;
+        lr::succeeded(&c)?;
+        let paths: Vec<String> = lr::records(&c)?
+            .iter()
+            .filter_map(|r| r["path"].as_str().map(str::to_owned))
+            .collect();
+        ensure!(
+            paths == ["/etc/passwd"],
+            "findfile -root {link} found {paths:?}"
+        );
+    }
+    s.kill_agent(ns, "links-host");
+    Ok(())
+}

@@ -43,6 +43,10 @@ pub(crate) struct HostFs<'a> {
 impl<'a> HostFs<'a> {
     #[cfg(test)]
     pub(crate) fn new(root: &'a Path) -> Self {
+        HostFs::at(root)
+    }
+
+    fn at(root: &'a Path) -> Self {
         HostFs { root, ctx: None }
     }
 
@@ -147,7 +151,7 @@ impl<'a> HostFs<'a> {
         if canonical == "/dev/null" {
             return Ok(String::new());
         }
-        let result = open_regular(&self.host_path(&canonical), device, false)
+        let result = open_regular(self.root, &canonical, false)
             .and_then(|(mut file, meta)| read_bounded(&mut file, &meta, cap, device, self.ctx));
         match result {
             Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
@@ -566,22 +570,18 @@ fn fs_magic(file: &fs::File) -> Option<i64> {
 /// Files on kernel pseudo file systems are refused when `refuse_pseudo` (hashing them is
 /// meaningless and may drain them) and otherwise allowed for a bounded read.
 pub(crate) fn open_regular(
-    host: &Path,
+    root: &Path,
     device: &str,
     refuse_pseudo: bool,
 ) -> Result<(fs::File, fs::Metadata), ReadError> {
-    let handle = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
-        .open(host)
-        .map_err(|e| {
-            // O_PATH | O_NOFOLLOW opens a link itself; ELOOP only on old kernels.
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                ReadError::Refused(format!("{device} is a symbolic link; not read"))
-            } else {
-                ReadError::Io(e)
-            }
-        })?;
+    let handle = open_in_root(root, device).map_err(|e| {
+        // A link swapped into a path already resolved (O_NOFOLLOW, ELOOP).
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            ReadError::Refused(format!("{device} is a symbolic link; not read"))
+        } else {
+            ReadError::Io(e)
+        }
+    })?;
     let meta = handle.metadata().map_err(ReadError::Io)?;
     if !meta.file_type().is_file() {
         return Err(ReadError::Refused(format!(
@@ -594,7 +594,8 @@ pub(crate) fn open_regular(
             "{device} is on {name}, a kernel pseudo file system whose files are generated as they are read; not read"
         )));
     }
-    let file = reopen(&handle, host).map_err(ReadError::Io)?;
+    let host = HostFs::at(root).host_path(device);
+    let file = reopen(&handle, &host).map_err(ReadError::Io)?;
     let reopened = file.metadata().map_err(ReadError::Io)?;
     if (reopened.dev(), reopened.ino()) != (meta.dev(), meta.ino()) {
         return Err(ReadError::Refused(format!(
@@ -602,6 +603,93 @@ pub(crate) fn open_regular(
         )));
     }
     Ok((file, meta))
+}
+
+/// Opens the device path `device` below `root` as an `O_PATH` handle, resolved by the
+/// kernel so that no symbolic link leads out of `root`, even one swapped in after
+/// [`HostFs::resolve`] looked: `openat2` with `RESOLVE_IN_ROOT` (Linux 5.6) treats `/`
+/// and `..` as `root`, as a chroot would; where it is missing (older kernels, seccomp
+/// filters that answer ENOSYS or EPERM), a walk one component at a time with
+/// `O_NOFOLLOW` refuses any link on the way, since a resolved path has none. The final
+/// component is never followed: a link there is returned as such for the caller to refuse.
+pub(crate) fn open_in_root(root: &Path, device: &str) -> io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let root_dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(root)?;
+    let relative = device.trim_start_matches('/');
+    if relative.is_empty() {
+        return Ok(root_dir);
+    }
+    let name = std::ffi::CString::new(relative.as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut how: libc::open_how = unsafe {
+        // SAFETY: open_how is plain integers; all zero is its documented default.
+        std::mem::zeroed()
+    };
+    how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid descriptor, NUL-terminated name, and `how` with its true size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root_dir.as_raw_fd(),
+            name.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd >= 0 {
+        let fd = i32::try_from(fd).map_err(|_| io::Error::other("openat2: bad descriptor"))?;
+        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+        return Ok(unsafe { fs::File::from_raw_fd(fd) });
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOSYS | libc::EPERM | libc::EINVAL | libc::E2BIG) => {}
+        _ => return Err(err),
+    }
+    walk_nofollow(root_dir, Path::new(relative).as_os_str().as_bytes())
+}
+
+/// The fallback of [`open_in_root`]: one `openat` per component, none followed.
+fn walk_nofollow(root_dir: fs::File, relative: &[u8]) -> io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let parts: Vec<&[u8]> = relative
+        .split(|b| *b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    let mut dir = root_dir;
+    for (i, part) in parts.iter().enumerate() {
+        if *part == b".." {
+            // A resolved path has no `..`; one here was not made by HostFs::resolve.
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let last = i + 1 == parts.len();
+        let name = std::ffi::CString::new(*part)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let flags = libc::O_PATH
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC
+            | if last { 0 } else { libc::O_DIRECTORY };
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            // O_PATH | O_NOFOLLOW | O_DIRECTORY on a link: ENOTDIR, i.e. swapped in.
+            return Err(if !last && err.raw_os_error() == Some(libc::ENOTDIR) {
+                io::Error::from_raw_os_error(libc::ELOOP)
+            } else {
+                err
+            });
+        }
+        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+        dir = unsafe { fs::File::from_raw_fd(fd) };
+    }
+    Ok(dir)
 }
 
 fn reopen(handle: &fs::File, host: &Path) -> io::Result<fs::File> {
@@ -703,8 +791,8 @@ pub(crate) fn human_size(bytes: u64) -> String {
 /// SHA-256, SHA-1 and MD5 of a host file in one pass, streamed in chunks with a cancel
 /// check between them, so that a huge file neither fills memory nor holds up a cancel.
 /// Only regular files on real file systems: anything else is refused with a clear error.
-pub(crate) fn hash_file(ctx: &ExecContext, host: &Path, device: &str) -> Result<Hashes, ReadError> {
-    let (mut file, _) = open_regular(host, device, true)?;
+pub(crate) fn hash_file(ctx: &ExecContext, device: &str) -> Result<Hashes, ReadError> {
+    let (mut file, _) = open_regular(&ctx.host_root, device, true)?;
     let mut sha256 = sha2::Sha256::new();
     let mut sha1 = sha1::Sha1::new();
     let mut md5 = md5::Md5::new();
@@ -834,12 +922,12 @@ mod tests {
         let started = std::time::Instant::now();
         let err = hfs.read_to_string("/etc/fifo").unwrap_err();
         assert_eq!(err.to_string(), "/etc/fifo is a FIFO; not read");
-        let err = hash_file(&ctx, &root.join("etc/fifo"), "/etc/fifo").unwrap_err();
+        let err = hash_file(&ctx, "/etc/fifo").unwrap_err();
         assert_eq!(
             err.into_exec("/etc/fifo").to_string(),
             "/etc/fifo is a FIFO; not read"
         );
-        let err = hash_file(&ctx, Path::new("/dev/zero"), "/dev/zero").unwrap_err();
+        let err = hash_file(&ExecContext::new("/"), "/dev/zero").unwrap_err();
         assert_eq!(
             err.into_exec("/dev/zero").to_string(),
             "/dev/zero is a character device; not read"
@@ -858,19 +946,17 @@ mod tests {
             if !Path::new(path).exists() {
                 continue;
             }
-            let err = hash_file(&ctx, Path::new(path), path).unwrap_err();
+            let err = hash_file(&ctx, path).unwrap_err();
             let text = err.into_exec(path).to_string();
             assert!(
                 text.contains("kernel pseudo file system") || text.contains("permission"),
                 "{path}: {text}"
             );
         }
-        let (mut file, meta) =
-            open_regular(Path::new("/proc/self/status"), "/proc/self/status", false).unwrap();
+        let (mut file, meta) = open_regular(Path::new("/"), "/proc/self/status", false).unwrap();
         let status = read_bounded(&mut file, &meta, PROC_CAP, "/proc/self/status", None).unwrap();
         assert!(String::from_utf8_lossy(&status).contains("Pid:"));
-        let (mut file, meta) =
-            open_regular(Path::new("/proc/self/status"), "/proc/self/status", false).unwrap();
+        let (mut file, meta) = open_regular(Path::new("/"), "/proc/self/status", false).unwrap();
         let err = read_bounded(&mut file, &meta, 16, "/proc/self/status", None).unwrap_err();
         assert!(matches!(err, ReadError::Refused(ref m) if m.contains("more than the 16 bytes")));
     }
@@ -892,7 +978,7 @@ mod tests {
         );
         ctx.cancelled
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let err = hash_file(&ctx, &root.join("huge"), "/huge").unwrap_err();
+        let err = hash_file(&ctx, "/huge").unwrap_err();
         assert!(matches!(err, ReadError::Stopped(ExecError::Cancelled)));
         assert_eq!(human_size(1536), "1.5 KiB");
         assert_eq!(human_size(12), "12 bytes");
@@ -904,7 +990,7 @@ mod tests {
         let root = dir.path();
         fs::write(root.join("real"), "x").unwrap();
         symlink("/etc/hostname", root.join("swapped")).unwrap();
-        let err = open_regular(&root.join("swapped"), "/swapped", false).unwrap_err();
+        let err = open_regular(root, "/swapped", false).unwrap_err();
         assert!(
             matches!(err, ReadError::Refused(ref m) if m.contains("symbolic link")),
             "{err:?}"
@@ -917,5 +1003,38 @@ mod tests {
         fs::write(root.join("dev/null"), "").unwrap();
         assert_eq!(HostFs::of(&ctx).read_to_string("/masked").unwrap(), "");
         assert!(ctx.take_notes().is_empty());
+    }
+
+    /// Links whose targets point out of the root, absolute and by `..`: the kernel's
+    /// resolution keeps both inside, and the fallback walk refuses any link at all.
+    #[test]
+    fn kernel_resolution_stays_in_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/passwd"), "inside\n").unwrap();
+        symlink("/etc", root.join("abs")).unwrap();
+        symlink("../../../../../../../../etc", root.join("rel")).unwrap();
+        for device in ["/abs/passwd", "/rel/passwd", "/etc/passwd"] {
+            let mut file = open_in_root(root, device).unwrap();
+            let meta = file.metadata().unwrap();
+            let inside = fs::metadata(root.join("etc/passwd")).unwrap();
+            assert_eq!(
+                (meta.dev(), meta.ino()),
+                (inside.dev(), inside.ino()),
+                "{device}"
+            );
+            // O_PATH handles cannot be read; the inode comparison above is the proof.
+            assert!(file.read(&mut [0u8; 8]).is_err());
+        }
+        // Not on the machine's /etc either: a file only the real /etc has.
+        assert!(open_in_root(root, "/abs/hostname").is_err());
+        let root_dir = fs::File::open(root).unwrap();
+        let err = walk_nofollow(root_dir, b"abs/passwd").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        let root_dir = fs::File::open(root).unwrap();
+        assert!(walk_nofollow(root_dir, b"etc/passwd").is_ok());
+        let root_dir = fs::File::open(root).unwrap();
+        assert!(walk_nofollow(root_dir, b"etc/../etc/passwd").is_err());
     }
 }

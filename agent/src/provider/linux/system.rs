@@ -205,7 +205,8 @@ pub(crate) fn find_unit(hfs: &HostFs, name: &str) -> Option<String> {
 /// the cap keeps a misbehaving file from filling memory.
 pub(crate) fn read_proc(ctx: &ExecContext, path: &Path) -> Result<String, ExecError> {
     let device = path.to_string_lossy();
-    let (mut file, meta) = open_regular(path, &device, false).map_err(|e| e.into_exec(&device))?;
+    let (mut file, meta) =
+        open_regular(Path::new("/"), &device, false).map_err(|e| e.into_exec(&device))?;
     let bytes = read_bounded(&mut file, &meta, PROC_CAP, &device, Some(ctx))
         .map_err(|e| e.into_exec(&device))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
