@@ -32,6 +32,12 @@ const REMEMBERED: usize = 512;
 const REMEMBERED_BYTES: usize = 64 * 1024 * 1024;
 /// Output travels in chunks of this size.
 const CHUNK: usize = 256 * 1024;
+/// How long a stopped command's worker gets to notice its flag before it is abandoned:
+/// a worker blocked in the kernel (a hung NFS read, a FUSE file that never answers)
+/// never will, and the session must not wait for it.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How often a running command looks at its cancel flag and deadline.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 struct Job {
     cancelled: Arc<AtomicBool>,
@@ -40,9 +46,18 @@ struct Job {
     line: String,
 }
 
+/// A worker thread abandoned by a command that ended without it.
+struct Stuck {
+    line: String,
+    since: Instant,
+}
+
 #[derive(Default)]
 struct State {
     running: HashMap<String, Job>,
+    /// Abandoned workers still blocked, by command uid: `status` shows them until their
+    /// thread returns at last.
+    stuck: HashMap<String, Stuck>,
     done: HashMap<String, Vec<AgentMessage>>,
     done_bytes: usize,
     order: VecDeque<String>,
@@ -231,15 +246,25 @@ impl Executor {
                 cancelled,
                 deadline: (exec.timeout_seconds > 0)
                     .then(|| Instant::now() + Duration::from_secs(u64::from(exec.timeout_seconds))),
+                notes: Arc::default(),
             };
             let me = self.clone();
             // The blocking thread does not inherit the task's span; the provider's lines
             // must still name the command.
             let span = tracing::Span::current();
+            let deadline = ctx.deadline;
+            let stop = ctx.cancelled.clone();
             let work = move || span.in_scope(|| me.provider.execute(&ctx, &inv));
-            match tokio::task::spawn_blocking(work).await {
-                Ok(r) => r,
-                Err(e) => Err(ExecError::Failed(format!("the command crashed: {e}"))),
+            let mut worker = tokio::task::spawn_blocking(work);
+            tokio::select! {
+                joined = &mut worker => match joined {
+                    Ok(r) => r,
+                    Err(e) => Err(ExecError::Failed(format!("the command crashed: {e}"))),
+                },
+                why = stopped(stop, deadline) => {
+                    self.abandon(&uid, exec, worker);
+                    Err(why)
+                }
             }
         };
         match result {
@@ -291,6 +316,31 @@ impl Executor {
         }
     }
 
+    /// Leaves a worker that did not stop in time to finish on its own, remembered for
+    /// `status` until it does: a blocked thread cannot be killed, only not waited for.
+    fn abandon(
+        self: &Arc<Self>,
+        uid: &str,
+        exec: &Execute,
+        worker: tokio::task::JoinHandle<Result<CommandResult, ExecError>>,
+    ) {
+        tracing::warn!(%uid, "the worker did not stop within {STOP_GRACE:?}; abandoning it");
+        self.state().stuck.insert(
+            uid.to_owned(),
+            Stuck {
+                line: format!("{} {}", exec.command, exec.args.join(" ")),
+                since: Instant::now(),
+            },
+        );
+        let me = self.clone();
+        let uid = uid.to_owned();
+        tokio::spawn(async move {
+            let _ = worker.await;
+            tracing::info!(%uid, "an abandoned worker returned at last");
+            me.state().stuck.remove(&uid);
+        });
+    }
+
     fn agent_command(&self, inv: &Invocation, session: &str) -> Result<CommandResult, ExecError> {
         match inv.spec.name {
             // The same answer as the console's, one record per line.
@@ -315,6 +365,12 @@ impl Executor {
                         })
                     })
                     .collect();
+                records.extend(st.stuck.iter().map(|(uid, s)| {
+                    serde_json::json!({
+                        "id": uid, "command": s.line.trim(), "phase": "Stuck",
+                        "duration": format!("{}s", s.since.elapsed().as_secs()),
+                    })
+                }));
                 records.push(serde_json::json!({
                     "id": "agent", "command": format!("liveresponse-agent {} on {}", env!("CARGO_PKG_VERSION"), self.provider.os()),
                     "phase": "Up", "duration": format!("{}s", self.started.elapsed().as_secs()),
@@ -339,6 +395,22 @@ impl Executor {
             ))),
         }
     }
+}
+
+/// Resolves once the command should have stopped (cancelled, or past its deadline) and
+/// its worker has had [`STOP_GRACE`] to notice: the error it ends with.
+async fn stopped(cancelled: Arc<AtomicBool>, deadline: Option<Instant>) -> ExecError {
+    let why = loop {
+        if cancelled.load(Ordering::SeqCst) {
+            break ExecError::Cancelled;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break ExecError::TimedOut;
+        }
+        tokio::time::sleep(STOP_POLL).await;
+    };
+    tokio::time::sleep(STOP_GRACE).await;
+    why
 }
 
 fn event(uid: &str, e: command_event::Event) -> AgentMessage {
@@ -509,5 +581,121 @@ mod tests {
             Some(tracing::level_filters::LevelFilter::DEBUG)
         );
         assert_eq!(ex.levels.get("s2"), None);
+    }
+
+    /// Blocks in open() of a FIFO that has no writer, as the old provider did: a thread
+    /// that no cancel flag reaches.
+    struct BlockedProvider(PathBuf);
+
+    impl Provider for BlockedProvider {
+        fn os(&self) -> &'static str {
+            "linux"
+        }
+        fn capabilities(&self) -> Vec<&'static str> {
+            vec!["fileinfo"]
+        }
+        fn execute(&self, _: &ExecContext, _: &Invocation) -> Result<CommandResult, ExecError> {
+            let _ = std::fs::read(&self.0);
+            Ok(CommandResult::default())
+        }
+    }
+
+    async fn completion(rx: &mut mpsc::Receiver<AgentMessage>) -> Option<Completed> {
+        while let Some(msg) = rx.recv().await {
+            if let Some(agent_message::Msg::Event(CommandEvent {
+                event: Some(command_event::Event::Completed(c)),
+                ..
+            })) = msg.msg
+            {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancel_ends_a_command_whose_worker_is_blocked() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let ex = Executor::new(
+            Box::new(BlockedProvider(fifo.clone())),
+            "/".into(),
+            SessionLevels::new("info"),
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        ex.set_sender(Some(tx));
+        let exec = Execute {
+            command_uid: "u1".into(),
+            command: "fileinfo".into(),
+            args: vec!["/fifo".into()],
+            session: "s1".into(),
+            ..Default::default()
+        };
+        ex.execute(exec).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ex.running(), vec!["u1".to_owned()]);
+        let asked = Instant::now();
+        ex.cancel("u1", CancelReason::User);
+        let done = tokio::time::timeout(Duration::from_secs(10), completion(&mut rx))
+            .await
+            .ok()
+            .flatten();
+        let took = asked.elapsed();
+        let done = done.unwrap();
+        assert_eq!(done.outcome, Outcome::Cancelled as i32);
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        assert!(ex.running().is_empty());
+        let status = answer(&ex, "s1", "status").unwrap();
+        assert!(
+            status
+                .records
+                .iter()
+                .any(|r| r["id"] == "u1" && r["phase"] == "Stuck"),
+            "{:?}",
+            status.records
+        );
+        // Once the read can finish, the thread returns and is forgotten.
+        let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        drop(writer);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = answer(&ex, "s1", "status").unwrap();
+        assert!(status.records.iter().all(|r| r["id"] != "u1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deadline_ends_a_command_whose_worker_is_blocked() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let ex = Executor::new(
+            Box::new(BlockedProvider(fifo.clone())),
+            "/".into(),
+            SessionLevels::new("info"),
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        ex.set_sender(Some(tx));
+        ex.execute(Execute {
+            command_uid: "u2".into(),
+            command: "fileinfo".into(),
+            args: vec!["/fifo".into()],
+            timeout_seconds: 1,
+            ..Default::default()
+        })
+        .await;
+        let done = tokio::time::timeout(Duration::from_secs(10), completion(&mut rx))
+            .await
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(done.outcome, Outcome::TimedOut as i32);
+        let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        drop(writer);
     }
 }

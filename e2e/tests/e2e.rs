@@ -12,6 +12,7 @@ mod console;
 mod control_plane;
 mod defence;
 mod enrollment;
+mod hostile;
 mod live;
 mod pipeline;
 
@@ -96,6 +97,10 @@ fn main() {
         pipeline::offline_queue_timeout_ends_commands_and_session,
         pipeline::cd_then_dir_always_sees_the_new_folder,
         pipeline::finished_commands_expire_after_retention,
+        hostile::fileinfo_refuses_what_is_not_a_file,
+        hostile::persistence_survives_a_hostile_home,
+        hostile::cancel_ends_a_busy_command_within_5s,
+        hostile::symlinks_never_leave_the_host_root,
     ];
     let serial = trials![
         env,

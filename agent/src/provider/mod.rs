@@ -7,14 +7,18 @@
 //! and one in a DaemonSet that mounts the host at `/host`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use liveresponse_api::command::Invocation;
 
 #[cfg(target_os = "linux")]
 pub mod linux;
+
+/// How many notes a command keeps: enough to name what matters, not enough to bloat a
+/// status.
+const MAX_NOTES: usize = 20;
 
 /// What an executor gives a provider for one command.
 #[derive(Debug, Clone)]
@@ -31,6 +35,9 @@ pub struct ExecContext {
     pub cancelled: Arc<AtomicBool>,
     /// Optional hard deadline; reaching it gives [`ExecError::TimedOut`].
     pub deadline: Option<Instant>,
+    /// Host files the provider refused or cut short (a FIFO, a file too large): parsers
+    /// that skip optional files silently would otherwise hide them from the analyst.
+    pub notes: Arc<Mutex<Vec<String>>>,
 }
 
 impl ExecContext {
@@ -41,7 +48,24 @@ impl ExecContext {
             working_directory: "/".to_owned(),
             cancelled: Arc::new(AtomicBool::new(false)),
             deadline: None,
+            notes: Arc::default(),
         }
+    }
+
+    /// Keeps a note for the command's warnings; bounded, since a host can hold any number
+    /// of hostile files.
+    pub fn note(&self, text: String) {
+        let mut notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        if notes.len() < MAX_NOTES && !notes.contains(&text) {
+            notes.push(text);
+        } else if notes.len() == MAX_NOTES {
+            notes.push("more files were skipped; only the first ones are named".to_owned());
+        }
+    }
+
+    /// The notes kept so far, emptied.
+    pub fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Err when the command was cancelled or ran past its deadline; long loops call this

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,8 +13,8 @@ use liveresponse_api::command::Invocation;
 use serde::Serialize;
 
 use super::hostfs::{
-    Accounts, HostFs, hash_file, io_error, listing_size, mode_string, normalize, owner_of, rfc3339,
-    rfc3339_from_unix, rfc3339_precise, type_name,
+    Accounts, HostFs, hash_file, io_error, listing_size, mode_string, normalize, open_in_root,
+    owner_of, rfc3339, rfc3339_from_unix, rfc3339_precise, type_name,
 };
 use super::{number, required, summarize, to_records};
 use crate::provider::{CommandResult, ExecContext, ExecError};
@@ -97,8 +98,13 @@ fn resolve(ctx: &ExecContext, path: &str, follow_last: bool) -> Result<String, E
         .map_err(|e| io_error(&e, &normalize(&ctx.working_directory, path)))
 }
 
+/// Metadata of a resolved device path, opened by the kernel within the root so a link
+/// swapped in since the resolution cannot point it elsewhere (the last component is not
+/// followed, as lstat would not).
 fn metadata_of(ctx: &ExecContext, device: &str) -> Result<fs::Metadata, ExecError> {
-    fs::symlink_metadata(HostFs::of(ctx).host_path(device)).map_err(|e| io_error(&e, device))
+    open_in_root(&ctx.host_root, device)
+        .and_then(|f| f.metadata())
+        .map_err(|e| io_error(&e, device))
 }
 
 pub(super) fn cd(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
@@ -157,7 +163,14 @@ pub(super) fn dir(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, 
         )])?));
     }
 
-    let host = hfs.host_path(&canonical);
+    // Listed through a handle opened within the root, for the same reason as metadata_of.
+    let handle = open_in_root(&ctx.host_root, &canonical).map_err(|e| io_error(&e, &canonical))?;
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    let host = if by_fd.exists() {
+        by_fd
+    } else {
+        hfs.host_path(&canonical)
+    };
     let read = fs::read_dir(&host).map_err(|e| io_error(&e, &canonical))?;
     let mut rows = Vec::new();
     let mut unreadable = Vec::new();
@@ -198,12 +211,13 @@ pub(super) fn fileinfo(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRes
     let accounts = Accounts::load(&hfs);
     let (owner, group) = owner_of(&accounts, &meta);
 
-    // Only regular files: a device or FIFO would never end, or block.
-    let hashes = if meta.is_file() {
-        let host = hfs.host_path(&canonical);
-        Some(hash_file(ctx, &host).map_err(|e| io_error(&e, &canonical))??)
-    } else {
+    // Directories are described without content. Anything else but a regular file on a
+    // real file system is refused on the opened descriptor (a FIFO would block, a device
+    // never end, /proc/kmsg drain the kernel log): better a clear error than a hang.
+    let hashes = if meta.is_dir() {
         None
+    } else {
+        Some(hash_file(ctx, &canonical).map_err(|e| e.into_exec(&canonical))?)
     };
     let record = FileInfoRecord {
         requested_path: (requested != canonical).then_some(requested),

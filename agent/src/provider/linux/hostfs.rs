@@ -21,19 +21,40 @@ use crate::provider::{ExecContext, ExecError};
 /// Linux's own limit on symbolic links followed while resolving one path (ELOOP).
 const MAX_SYMLINKS: u32 = 40;
 
+/// Most configuration files a parser reads (crontabs, units, profiles, authorized_keys)
+/// are a few KiB; anything past this is not something a person wrote for the machine.
+pub(crate) const CONFIG_CAP: u64 = 4 << 20;
+/// passwd and group of a large host without a directory service.
+pub(crate) const ACCOUNTS_CAP: u64 = 32 << 20;
+/// Kernel pseudo files (/proc, /sys) the agent parses.
+pub(crate) const PROC_CAP: u64 = 1 << 20;
+/// Reads and hashes go by this much between cancel checks.
+const READ_CHUNK: usize = 256 * 1024;
+
 /// The host file system below `root`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HostFs<'a> {
     root: &'a Path,
+    /// The command reading: its cancel flag stops long reads, and files refused get a
+    /// note in its warnings.
+    ctx: Option<&'a ExecContext>,
 }
 
 impl<'a> HostFs<'a> {
+    #[cfg(test)]
     pub(crate) fn new(root: &'a Path) -> Self {
-        HostFs { root }
+        HostFs::at(root)
+    }
+
+    fn at(root: &'a Path) -> Self {
+        HostFs { root, ctx: None }
     }
 
     pub(crate) fn of(ctx: &'a ExecContext) -> Self {
-        HostFs::new(&ctx.host_root)
+        HostFs {
+            root: &ctx.host_root,
+            ctx: Some(ctx),
+        }
     }
 
     /// Where the agent finds a device path. The path should come from [`HostFs::resolve`]
@@ -114,12 +135,35 @@ impl<'a> HostFs<'a> {
         self.resolve("/", device, true)
     }
 
-    /// Reads a host file (links resolved within the root); invalid UTF-8 is replaced, as
-    /// these are configuration files meant for people.
+    /// Reads a configuration file of at most [`CONFIG_CAP`]; see [`HostFs::read_capped`].
     pub(crate) fn read_to_string(&self, device: &str) -> io::Result<String> {
+        self.read_capped(device, CONFIG_CAP)
+    }
+
+    /// Reads a host file (links resolved within the root) of at most `cap` bytes; invalid
+    /// UTF-8 is replaced, as these are configuration files meant for people. A file that
+    /// is not regular or too large is refused with a note for the command's warnings,
+    /// since the callers treat a missing file as normal and would hide it otherwise.
+    pub(crate) fn read_capped(&self, device: &str, cap: u64) -> io::Result<String> {
         let canonical = self.canonical(device)?;
-        let bytes = fs::read(self.host_path(&canonical))?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        // Masked units link here; its content is empty by definition, and a character
+        // device would otherwise be refused with a note for every masked unit.
+        if canonical == "/dev/null" {
+            return Ok(String::new());
+        }
+        let result = open_regular(self.root, &canonical, false)
+            .and_then(|(mut file, meta)| read_bounded(&mut file, &meta, cap, device, self.ctx));
+        match result {
+            Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            Err(ReadError::Io(e)) => Err(e),
+            Err(ReadError::Refused(why)) => {
+                if let Some(ctx) = self.ctx {
+                    ctx.note(format!("skipped {why}"));
+                }
+                Err(io::Error::other(why))
+            }
+            Err(ReadError::Stopped(e)) => Err(io::Error::new(io::ErrorKind::Interrupted, e)),
+        }
     }
 
     /// Metadata of a device path, following links within the root.
@@ -346,7 +390,7 @@ pub(crate) struct Accounts {
 impl Accounts {
     pub(crate) fn load(hfs: &HostFs) -> Self {
         let mut accounts = Accounts::default();
-        if let Ok(passwd) = hfs.read_to_string("/etc/passwd") {
+        if let Ok(passwd) = hfs.read_capped("/etc/passwd", ACCOUNTS_CAP) {
             for line in passwd.lines() {
                 let fields: Vec<&str> = line.split(':').collect();
                 if fields.len() < 7 || line.starts_with('#') {
@@ -364,7 +408,7 @@ impl Accounts {
                     .push((fields[0].to_owned(), fields[5].to_owned()));
             }
         }
-        if let Ok(group) = hfs.read_to_string("/etc/group") {
+        if let Ok(group) = hfs.read_capped("/etc/group", ACCOUNTS_CAP) {
             for line in group.lines() {
                 let fields: Vec<&str> = line.split(':').collect();
                 if fields.len() < 3 || line.starts_with('#') {
@@ -440,72 +484,335 @@ pub(crate) struct Hashes {
     pub md5: String,
 }
 
-/// O_NOATIME: reading a file to hash it must not change the access time an investigator
-/// may need later. The value is the generic one, shared by the architectures listed.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-))]
-const O_NOATIME: i32 = 0o1_000_000;
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-)))]
-const O_NOATIME: i32 = 0;
+/// Why a host file was not read.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    Io(io::Error),
+    /// Not a regular file, too large, on a pseudo file system: the message says which.
+    Refused(String),
+    /// The command was cancelled or ran out of time while reading.
+    Stopped(ExecError),
+}
 
-/// Opens a host file for reading without touching its access time where the kernel lets
-/// us (only the owner or CAP_FOWNER may ask for that).
-pub(crate) fn open_quietly(host: &Path) -> io::Result<fs::File> {
-    let quiet = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(O_NOATIME)
-        .open(host);
-    match quiet {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && O_NOATIME != 0 => {
-            fs::File::open(host)
+impl ReadError {
+    /// As the analyst reads it, naming the device path.
+    pub(crate) fn into_exec(self, path: &str) -> ExecError {
+        match self {
+            ReadError::Io(e) => io_error(&e, path),
+            ReadError::Refused(why) => ExecError::Failed(why),
+            ReadError::Stopped(e) => e,
         }
+    }
+}
+
+/// What a file of this type is called in messages.
+fn kind_of(ft: fs::FileType) -> &'static str {
+    if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link (swapped in while it was being opened)"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// The kernel file systems whose files are generated on read: sizes lie (0 or 4096),
+/// some reads never end or block (`/proc/kmsg`, `trace_pipe`) and some consume what
+/// they return (`/proc/kmsg` drains the kernel log from syslog).
+fn pseudo_fs_name(magic: i64) -> Option<&'static str> {
+    Some(match magic {
+        0x9fa0 => "proc",
+        0x6265_6572 => "sysfs",
+        0x6462_6720 => "debugfs",
+        0x7472_6163 => "tracefs",
+        0x7363_6673 => "securityfs",
+        0x0027_e0eb => "cgroup",
+        0x6367_7270 => "cgroup2",
+        0xcafe_4a11 => "bpf",
+        0x6265_6570 => "configfs",
+        0x6165_676c => "pstore",
+        0xde5e_81e4 => "efivarfs",
+        _ => return None,
+    })
+}
+
+fn fs_magic(file: &fs::File) -> Option<i64> {
+    use std::os::fd::AsRawFd;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: the descriptor is open for the duration of the call and `stat` is a
+    // buffer of the right type for the kernel to fill.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    Some(stat.f_type as i64)
+}
+
+/// Opens a host file for reading only if it is a regular file, checked on the opened
+/// descriptor so a file swapped after the check cannot slip through:
+/// - first with `O_PATH | O_NOFOLLOW`, which runs no driver code (opening some devices
+///   has effects: a tape rewinds, a watchdog arms) and does not wait for a FIFO writer;
+/// - then, only for a regular file, reopened through `/proc/self/fd` (the same inode,
+///   whatever the path now names) with `O_NONBLOCK | O_NOCTTY`, and `O_NOATIME` where the
+///   kernel allows it, so hashing evidence leaves its access time alone.
+///
+/// Files on kernel pseudo file systems are refused when `refuse_pseudo` (hashing them is
+/// meaningless and may drain them) and otherwise allowed for a bounded read.
+pub(crate) fn open_regular(
+    root: &Path,
+    device: &str,
+    refuse_pseudo: bool,
+) -> Result<(fs::File, fs::Metadata), ReadError> {
+    let handle = open_in_root(root, device).map_err(|e| {
+        // A link swapped into a path already resolved (O_NOFOLLOW, ELOOP).
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            ReadError::Refused(format!("{device} is a symbolic link; not read"))
+        } else {
+            ReadError::Io(e)
+        }
+    })?;
+    let meta = handle.metadata().map_err(ReadError::Io)?;
+    if !meta.file_type().is_file() {
+        return Err(ReadError::Refused(format!(
+            "{device} is {}; not read",
+            kind_of(meta.file_type())
+        )));
+    }
+    if refuse_pseudo && let Some(name) = fs_magic(&handle).and_then(pseudo_fs_name) {
+        return Err(ReadError::Refused(format!(
+            "{device} is on {name}, a kernel pseudo file system whose files are generated as they are read; not read"
+        )));
+    }
+    let host = HostFs::at(root).host_path(device);
+    let file = reopen(&handle, &host).map_err(ReadError::Io)?;
+    let reopened = file.metadata().map_err(ReadError::Io)?;
+    if (reopened.dev(), reopened.ino()) != (meta.dev(), meta.ino()) {
+        return Err(ReadError::Refused(format!(
+            "{device} was replaced while it was being opened; not read"
+        )));
+    }
+    Ok((file, meta))
+}
+
+/// Opens the device path `device` below `root` as an `O_PATH` handle, resolved by the
+/// kernel so that no symbolic link leads out of `root`, even one swapped in after
+/// [`HostFs::resolve`] looked: `openat2` with `RESOLVE_IN_ROOT` (Linux 5.6) treats `/`
+/// and `..` as `root`, as a chroot would; where it is missing (older kernels, seccomp
+/// filters that answer ENOSYS or EPERM), a walk one component at a time with
+/// `O_NOFOLLOW` refuses any link on the way, since a resolved path has none. The final
+/// component is never followed: a link there is returned as such for the caller to refuse.
+pub(crate) fn open_in_root(root: &Path, device: &str) -> io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let root_dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(root)?;
+    let relative = device.trim_start_matches('/');
+    if relative.is_empty() {
+        return Ok(root_dir);
+    }
+    let name = std::ffi::CString::new(relative.as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut how: libc::open_how = unsafe {
+        // SAFETY: open_how is plain integers; all zero is its documented default.
+        std::mem::zeroed()
+    };
+    how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid descriptor, NUL-terminated name, and `how` with its true size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root_dir.as_raw_fd(),
+            name.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd >= 0 {
+        let fd = i32::try_from(fd).map_err(|_| io::Error::other("openat2: bad descriptor"))?;
+        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+        return Ok(unsafe { fs::File::from_raw_fd(fd) });
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOSYS | libc::EPERM | libc::EINVAL | libc::E2BIG) => {}
+        _ => return Err(err),
+    }
+    walk_nofollow(root_dir, Path::new(relative).as_os_str().as_bytes())
+}
+
+/// The fallback of [`open_in_root`]: one `openat` per component, none followed.
+fn walk_nofollow(root_dir: fs::File, relative: &[u8]) -> io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let parts: Vec<&[u8]> = relative
+        .split(|b| *b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    let mut dir = root_dir;
+    for (i, part) in parts.iter().enumerate() {
+        if *part == b".." {
+            // A resolved path has no `..`; one here was not made by HostFs::resolve.
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let last = i + 1 == parts.len();
+        let name = std::ffi::CString::new(*part)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let flags = libc::O_PATH
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC
+            | if last { 0 } else { libc::O_DIRECTORY };
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            // O_PATH | O_NOFOLLOW | O_DIRECTORY on a link: ENOTDIR, i.e. swapped in.
+            return Err(if !last && err.raw_os_error() == Some(libc::ENOTDIR) {
+                io::Error::from_raw_os_error(libc::ELOOP)
+            } else {
+                err
+            });
+        }
+        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+        dir = unsafe { fs::File::from_raw_fd(fd) };
+    }
+    Ok(dir)
+}
+
+fn reopen(handle: &fs::File, host: &Path) -> io::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    // Without /proc (a minimal container), the path is opened again; the caller compares
+    // the inodes, and O_NOFOLLOW still refuses a link swapped in.
+    let path = if by_fd.exists() {
+        by_fd.as_path()
+    } else {
+        host
+    };
+    let flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+    let extra = if path == host { libc::O_NOFOLLOW } else { 0 };
+    let open = |noatime: i32| {
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags | extra | noatime)
+            .open(path)
+    };
+    match open(libc::O_NOATIME) {
+        // Only the owner or CAP_FOWNER may ask for O_NOATIME.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => open(0),
         other => other,
     }
 }
 
-/// SHA-256, SHA-1 and MD5 of a host file in one pass, checking for cancellation between
-/// chunks so that a huge file does not hold up a cancel.
-pub(crate) fn hash_file(ctx: &ExecContext, host: &Path) -> io::Result<Result<Hashes, ExecError>> {
-    let mut file = open_quietly(host)?;
+/// Reads an opened file of at most `cap` bytes, checking for cancellation between chunks.
+/// A file whose size says more is refused unread; a pseudo file that claims less but
+/// keeps giving is refused once past the cap.
+pub(crate) fn read_bounded(
+    file: &mut fs::File,
+    meta: &fs::Metadata,
+    cap: u64,
+    device: &str,
+    ctx: Option<&ExecContext>,
+) -> Result<Vec<u8>, ReadError> {
+    let too_large = |size: u64| {
+        ReadError::Refused(format!(
+            "{device} is {}, more than the {} read of such files; not read",
+            human_size(size),
+            human_size(cap)
+        ))
+    };
+    if meta.len() > cap {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        if let Some(ctx) = ctx {
+            ctx.check().map_err(ReadError::Stopped)?;
+        }
+        let n = read_some(file, &mut buf, device)?;
+        if n == 0 {
+            return Ok(bytes);
+        }
+        bytes.extend_from_slice(&buf[..n]);
+        if bytes.len() as u64 > cap {
+            return Err(too_large(bytes.len() as u64));
+        }
+    }
+}
+
+/// One read; EAGAIN means a file that only pretends to be regular and would block.
+fn read_some(file: &mut fs::File, buf: &mut [u8], device: &str) -> Result<usize, ReadError> {
+    loop {
+        match file.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(ReadError::Refused(format!(
+                    "{device} has no data now and would block; not read"
+                )));
+            }
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// "30.0 GiB", "4 MiB": sizes in messages.
+pub(crate) fn human_size(bytes: u64) -> String {
+    const UNITS: &[&str] = &["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// SHA-256, SHA-1 and MD5 of a host file in one pass, streamed in chunks with a cancel
+/// check between them, so that a huge file neither fills memory nor holds up a cancel.
+/// Only regular files on real file systems: anything else is refused with a clear error.
+pub(crate) fn hash_file(ctx: &ExecContext, device: &str) -> Result<Hashes, ReadError> {
+    let (mut file, _) = open_regular(&ctx.host_root, device, true)?;
     let mut sha256 = sha2::Sha256::new();
     let mut sha1 = sha1::Sha1::new();
     let mut md5 = md5::Md5::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        if let Err(e) = ctx.check() {
-            return Ok(Err(e));
+        ctx.check().map_err(ReadError::Stopped)?;
+        let n = read_some(&mut file, &mut buf, device)?;
+        if n == 0 {
+            break;
         }
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
         let chunk = &buf[..n];
         sha256.update(chunk);
         sha1.update(chunk);
         md5.update(chunk);
     }
-    Ok(Ok(Hashes {
+    Ok(Hashes {
         sha256: hex::encode(sha256.finalize()),
         sha1: hex::encode(sha1.finalize()),
         md5: hex::encode(md5.finalize()),
-    }))
+    })
 }
 
 /// The owner and group of a file, as names.
@@ -595,5 +902,139 @@ mod tests {
             .map(|h| (h.user.as_str(), h.path.as_str()))
             .collect();
         assert_eq!(names, vec![("alice", "/srv/alice"), ("bob", "/home/bob")]);
+    }
+
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    }
+
+    #[test]
+    fn non_regular_files_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        mkfifo(&root.join("etc/fifo"));
+        let ctx = ExecContext::new(root);
+        let hfs = HostFs::of(&ctx);
+        let started = std::time::Instant::now();
+        let err = hfs.read_to_string("/etc/fifo").unwrap_err();
+        assert_eq!(err.to_string(), "/etc/fifo is a FIFO; not read");
+        let err = hash_file(&ctx, "/etc/fifo").unwrap_err();
+        assert_eq!(
+            err.into_exec("/etc/fifo").to_string(),
+            "/etc/fifo is a FIFO; not read"
+        );
+        let err = hash_file(&ExecContext::new("/"), "/dev/zero").unwrap_err();
+        assert_eq!(
+            err.into_exec("/dev/zero").to_string(),
+            "/dev/zero is a character device; not read"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(
+            ctx.take_notes(),
+            vec!["skipped /etc/fifo is a FIFO; not read"]
+        );
+    }
+
+    #[test]
+    fn pseudo_files_are_not_hashed_but_read_bounded() {
+        let ctx = ExecContext::new("/");
+        for path in ["/proc/kmsg", "/proc/self/status"] {
+            if !Path::new(path).exists() {
+                continue;
+            }
+            let err = hash_file(&ctx, path).unwrap_err();
+            let text = err.into_exec(path).to_string();
+            assert!(
+                text.contains("kernel pseudo file system") || text.contains("permission"),
+                "{path}: {text}"
+            );
+        }
+        let (mut file, meta) = open_regular(Path::new("/"), "/proc/self/status", false).unwrap();
+        let status = read_bounded(&mut file, &meta, PROC_CAP, "/proc/self/status", None).unwrap();
+        assert!(String::from_utf8_lossy(&status).contains("Pid:"));
+        let (mut file, meta) = open_regular(Path::new("/"), "/proc/self/status", false).unwrap();
+        let err = read_bounded(&mut file, &meta, 16, "/proc/self/status", None).unwrap_err();
+        assert!(matches!(err, ReadError::Refused(ref m) if m.contains("more than the 16 bytes")));
+    }
+
+    #[test]
+    fn large_files_are_refused_unread_and_cancel_stops_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::File::create(root.join("huge"))
+            .unwrap()
+            .set_len(30 << 30)
+            .unwrap();
+        let ctx = ExecContext::new(root);
+        let hfs = HostFs::of(&ctx);
+        let err = hfs.read_to_string("/huge").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/huge is 30 GiB, more than the 4 MiB read of such files; not read"
+        );
+        ctx.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = hash_file(&ctx, "/huge").unwrap_err();
+        assert!(matches!(err, ReadError::Stopped(ExecError::Cancelled)));
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(12), "12 bytes");
+    }
+
+    #[test]
+    fn a_link_swapped_in_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("real"), "x").unwrap();
+        symlink("/etc/hostname", root.join("swapped")).unwrap();
+        let err = open_regular(root, "/swapped", false).unwrap_err();
+        assert!(
+            matches!(err, ReadError::Refused(ref m) if m.contains("symbolic link")),
+            "{err:?}"
+        );
+        let ctx = ExecContext::new(root);
+        assert_eq!(HostFs::of(&ctx).read_to_string("/real").unwrap(), "x");
+        // Masked units: no note, no content.
+        fs::create_dir_all(root.join("dev")).unwrap();
+        symlink("/dev/null", root.join("masked")).unwrap();
+        fs::write(root.join("dev/null"), "").unwrap();
+        assert_eq!(HostFs::of(&ctx).read_to_string("/masked").unwrap(), "");
+        assert!(ctx.take_notes().is_empty());
+    }
+
+    /// Links whose targets point out of the root, absolute and by `..`: the kernel's
+    /// resolution keeps both inside, and the fallback walk refuses any link at all.
+    #[test]
+    fn kernel_resolution_stays_in_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/passwd"), "inside\n").unwrap();
+        symlink("/etc", root.join("abs")).unwrap();
+        symlink("../../../../../../../../etc", root.join("rel")).unwrap();
+        for device in ["/abs/passwd", "/rel/passwd", "/etc/passwd"] {
+            let mut file = open_in_root(root, device).unwrap();
+            let meta = file.metadata().unwrap();
+            let inside = fs::metadata(root.join("etc/passwd")).unwrap();
+            assert_eq!(
+                (meta.dev(), meta.ino()),
+                (inside.dev(), inside.ino()),
+                "{device}"
+            );
+            // O_PATH handles cannot be read; the inode comparison above is the proof.
+            assert!(file.read(&mut [0u8; 8]).is_err());
+        }
+        // Not on the machine's /etc either: a file only the real /etc has.
+        assert!(open_in_root(root, "/abs/hostname").is_err());
+        let root_dir = fs::File::open(root).unwrap();
+        let err = walk_nofollow(root_dir, b"abs/passwd").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        let root_dir = fs::File::open(root).unwrap();
+        assert!(walk_nofollow(root_dir, b"etc/passwd").is_ok());
+        let root_dir = fs::File::open(root).unwrap();
+        assert!(walk_nofollow(root_dir, b"etc/../etc/passwd").is_err());
     }
 }

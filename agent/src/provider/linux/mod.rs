@@ -53,7 +53,7 @@ impl Provider for LinuxProvider {
 
     fn execute(&self, ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
         ctx.check()?;
-        match inv.spec.name {
+        let mut result = match inv.spec.name {
             "cd" => files::cd(ctx, inv),
             "dir" => files::dir(ctx, inv),
             "fileinfo" => files::fileinfo(ctx, inv),
@@ -69,7 +69,9 @@ impl Provider for LinuxProvider {
                 command: other.to_owned(),
                 os: "linux".to_owned(),
             }),
-        }
+        }?;
+        result.warnings.extend(ctx.take_notes());
+        Ok(result)
     }
 }
 

