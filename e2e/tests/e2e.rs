@@ -84,6 +84,7 @@ fn main() {
         live::commands_belong_to_the_session_requester,
         console::interactive_console,
         console::exec_for_scripts,
+        console::hostile_text_is_shown_escaped,
         pipeline::brief_disconnect_keeps_running_commands,
         pipeline::offline_device_commands_wait_and_run_in_order,
         pipeline::offline_queue_timeout_ends_commands_and_session,
