@@ -489,6 +489,16 @@ mod tests {
     }
 
     #[test]
+    fn prompt_escapes_what_the_device_wrote() {
+        let p = prompt("host-1", 5, Some("/tmp/\x1b]0;pwned\x07\ndir"));
+        assert_eq!(p, "[host-1 00:00:05] /tmp/\\x1b]0;pwned\\x07\\x0adir> ");
+        assert_eq!(
+            prompt("h\u{202e}", 0, Some("/données/日本")),
+            "[h\\u202e 00:00:00] /données/日本> "
+        );
+    }
+
+    #[test]
     fn blank_lines_do_nothing() {
         assert_eq!(dispatch(""), Action::Nothing);
         assert_eq!(dispatch("   \t "), Action::Nothing);

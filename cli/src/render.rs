@@ -549,6 +549,26 @@ mod tests {
     }
 
     #[test]
+    fn device_and_user_text_in_tables_is_escaped() {
+        let now = ts(NOW);
+        let devices = vec![device(
+            "host-1",
+            Some(DeviceStatus {
+                hostname: Some("evil\x1b]0;pwned\x07\u{202e}host".into()),
+                os_version: Some("Linux\x1b[2J".into()),
+                ..Default::default()
+            }),
+        )];
+        let t = devices_table(&devices, now, plain());
+        assert!(!t.contains('\x1b') && !t.contains('\u{202e}'), "{t:?}");
+        assert!(t.contains("evil\\x1b]0;pwned\\x07\\u202ehost"), "{t}");
+        assert!(t.contains("Linux\\x1b[2J"), "{t}");
+        // Colours are the CLI's own escapes and stay.
+        let colored = devices_table(&devices, now, Colors { enabled: true });
+        assert!(colored.contains("\x1b[") && !colored.contains("\x1b]0;"));
+    }
+
+    #[test]
     fn devices_table_has_every_column() {
         let now = ts(NOW);
         let devices = vec![
