@@ -44,6 +44,9 @@ pub async fn run(ctx: &Ctx, args: &ConnectArgs, no_color: bool) -> Result<i32> {
 pub async fn abandon(ctx: &Ctx, name: &str) {
     match session::end(ctx, name, Duration::from_secs(10)).await {
         Ok(ended) => eprintln!("{}", session::ended_line(name, ended.as_ref())),
-        Err(err) => eprintln!("could not disconnect session {name}: {err}"),
+        Err(err) => eprintln!(
+            "could not disconnect session {name}: {}",
+            crate::sanitize::text(&err.to_string())
+        ),
     }
 }

@@ -21,6 +21,7 @@ use crate::client::Ctx;
 use crate::error::{EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Error, Result};
 use crate::render::{self, Colors};
 use crate::run::{self, OnInterrupt, Waited};
+use crate::sanitize;
 use crate::session::{self, DISCONNECT_TIMEOUT};
 use crate::wait::interruptible;
 
@@ -148,7 +149,13 @@ fn clear_screen() {
 /// e.g. `[host-1 00:03:12] /var/log> `.
 pub fn prompt(device: &str, connected_seconds: i64, working_directory: Option<&str>) -> String {
     let clock = render::clock(connected_seconds);
-    match working_directory.filter(|d| !d.is_empty()) {
+    // Both come from the device: its name is the analyst's choice, but the working
+    // directory is whatever path the host had, and the prompt is redrawn on every line.
+    let device = sanitize::line(device);
+    match working_directory
+        .filter(|d| !d.is_empty())
+        .map(sanitize::line)
+    {
         Some(dir) => format!("[{device} {clock}] {dir}> "),
         None => format!("[{device} {clock}]> "),
     }
@@ -200,18 +207,19 @@ impl Console<'_> {
             "{} {} {}",
             c.bold("Live response session"),
             c.bold(&self.name),
-            c.dim(&format!("on device {}", self.device())),
+            c.dim(&format!("on device {}", sanitize::line(self.device()))),
         );
+        // The requester and reason were typed by whoever opened the session.
         let reason = self
             .session
             .spec
             .reason
             .as_deref()
-            .map(|r| format!(" - reason: {r}"))
+            .map(|r| format!(" - reason: {}", sanitize::line(r)))
             .unwrap_or_default();
         println!(
             "requested by {} - connected since {}{reason}",
-            self.session.spec.requested_by,
+            sanitize::line(&self.session.spec.requested_by),
             local_time(self.started),
         );
         println!(
@@ -279,7 +287,9 @@ impl Console<'_> {
             match dispatch(&line) {
                 Action::Nothing => {}
                 Action::Clear => clear_screen(),
-                Action::Print { text, redirect } => self.print_local(&text, redirect.as_deref()),
+                Action::Print { text, redirect } => {
+                    self.print_local(&text, redirect.as_deref(), false)
+                }
                 Action::Jobs => self.jobs().await,
                 Action::Status {
                     id,
@@ -292,7 +302,7 @@ impl Console<'_> {
                 Action::End => return Ok(self.end().await),
                 Action::AlreadyConnected => println!(
                     "already connected to {} (session {}); type 'exit' to end it first",
-                    self.device(),
+                    sanitize::line(self.device()),
                     self.name
                 ),
                 Action::Run(line) => self.execute(&line).await,
@@ -302,10 +312,18 @@ impl Console<'_> {
     }
 
     fn error(&self, message: &str) {
-        eprintln!("{} {message}", self.err.red("error:"));
+        eprintln!("{} {}", self.err.red("error:"), sanitize::text(message));
     }
 
-    fn print_local(&self, text: &str, redirect: Option<&str>) {
+    /// Prints text the console composed (help, a status answer) or writes it unchanged to
+    /// `redirect`; `json` says the text is a JSON document, whose values must stay exact.
+    fn print_local(&self, text: &str, redirect: Option<&str>, json: bool) {
+        let text = match redirect {
+            Some(_) => std::borrow::Cow::Borrowed(text),
+            None if json => sanitize::json(text),
+            None => sanitize::text(text),
+        };
+        let text = text.as_ref();
         match redirect {
             Some(path) => match run::write_output(std::path::Path::new(path), text) {
                 Ok(n) => println!("wrote {n} bytes to {path}"),
@@ -389,7 +407,7 @@ impl Console<'_> {
             render::status_answer(&commands, id, format, &self.name, Timestamp::now())
         });
         match answer {
-            Ok(text) => self.print_local(&text, redirect),
+            Ok(text) => self.print_local(&text, redirect, format == OutputFormat::Json),
             Err(err) => self.error(&err.to_string()),
         }
     }
@@ -468,6 +486,16 @@ mod tests {
             Action::Run(l) => l,
             other => panic!("{line}: expected a Command, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn prompt_escapes_what_the_device_wrote() {
+        let p = prompt("host-1", 5, Some("/tmp/\x1b]0;pwned\x07\ndir"));
+        assert_eq!(p, "[host-1 00:00:05] /tmp/\\x1b]0;pwned\\x07\\x0adir> ");
+        assert_eq!(
+            prompt("h\u{202e}", 0, Some("/données/日本")),
+            "[h\\u202e 00:00:00] /données/日本> "
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::connect::abandon;
 use crate::error::{EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Error, Result};
 use crate::render::{self, Colors};
 use crate::run::{self, OnInterrupt, Waited};
+use crate::sanitize;
 use crate::session::{self, DISCONNECT_TIMEOUT};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -117,7 +118,10 @@ pub async fn run(target: &Target, args: &ExecArgs, no_color: bool) -> Result<i32
         if matches!(result, Err(Error::Interrupted)) {
             abandon(&ctx, &name).await;
         } else if let Err(err) = session::end(&ctx, &name, DISCONNECT_TIMEOUT).await {
-            eprintln!("warning: could not disconnect session {name}: {err}");
+            eprintln!(
+                "warning: could not disconnect session {name}: {}",
+                sanitize::text(&err.to_string())
+            );
         }
     } else if created {
         eprintln!("session {name} stays connected");
@@ -145,10 +149,13 @@ async fn status(
         });
     }
     let commands = run::session_commands(&ctx, session).await?;
-    print!(
-        "{}",
-        render::status_answer(&commands, id, format, session, Timestamp::now())?
-    );
+    let answer = render::status_answer(&commands, id, format, session, Timestamp::now())?;
+    // Command lines and agent error messages are in it; JSON values stay exact.
+    let shown = match format {
+        OutputFormat::Json => sanitize::json(&answer),
+        OutputFormat::Table => sanitize::text(&answer),
+    };
+    print!("{shown}");
     Ok(EXIT_OK)
 }
 

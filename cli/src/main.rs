@@ -20,6 +20,7 @@ mod exec;
 mod log;
 mod render;
 mod run;
+mod sanitize;
 mod session;
 mod sessions;
 mod wait;
@@ -131,7 +132,12 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(run(&cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("{} {err}", Colors::stderr(cli.no_color).red("error:"));
+            // An error may quote the API server, the agent or another user's object.
+            eprintln!(
+                "{} {}",
+                Colors::stderr(cli.no_color).red("error:"),
+                sanitize::text(&err.to_string())
+            );
             err.exit_code()
         }
     };

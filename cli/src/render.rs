@@ -14,6 +14,7 @@ use liveresponse_api::output::render;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::sanitize;
 
 /// `-o table|json` of the listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -149,8 +150,14 @@ pub fn table(headers: &[&str], rows: Vec<Vec<Cell>>, colors: Colors) -> String {
     table.trim_fmt()
 }
 
+/// A table cell of text that may come from a device or another user: one line, escaped.
+fn cell(text: impl AsRef<str>) -> Cell {
+    let text = text.as_ref().replace(['\n', '\r', '\t'], " ");
+    Cell::new(sanitize::line(&text))
+}
+
 fn colored(text: String, color: Option<Color>, colors: Colors) -> Cell {
-    let cell = Cell::new(text);
+    let cell = cell(text);
     match color {
         Some(c) if colors.enabled => cell.fg(c),
         _ => cell,
@@ -195,12 +202,12 @@ pub fn devices_table(devices: &[Device], now: Timestamp, colors: Colors) -> Stri
                 ("no", Color::Red)
             };
             vec![
-                Cell::new(d.metadata.name.clone().unwrap_or_default()),
-                Cell::new(or_dash(status.hostname.as_deref())),
-                Cell::new(os),
+                cell(d.metadata.name.clone().unwrap_or_default()),
+                cell(or_dash(status.hostname.as_deref())),
+                cell(os),
                 colored(connected.to_owned(), Some(color), colors),
-                Cell::new(relative(now, status.last_seen.as_ref())),
-                Cell::new(or_dash(status.active_session.as_deref())),
+                cell(relative(now, status.last_seen.as_ref())),
+                cell(or_dash(status.active_session.as_deref())),
             ]
         })
         .collect();
@@ -262,16 +269,16 @@ pub fn sessions_table(sessions: &[LiveResponseSession], now: Timestamp, colors: 
         .map(|s| {
             let phase = s.status.as_ref().and_then(|st| st.phase);
             vec![
-                Cell::new(s.metadata.name.clone().unwrap_or_default()),
-                Cell::new(&s.spec.requested_by),
-                Cell::new(&s.spec.device),
+                cell(s.metadata.name.clone().unwrap_or_default()),
+                cell(&s.spec.requested_by),
+                cell(&s.spec.device),
                 colored(phase_name(phase), session_phase_color(phase), colors),
-                Cell::new(relative(
+                cell(relative(
                     now,
                     s.status.as_ref().and_then(|st| st.start_time.as_ref()),
                 )),
-                Cell::new(session_duration(s, now)),
-                Cell::new(or_dash(s.spec.reason.as_deref())),
+                cell(session_duration(s, now)),
+                cell(or_dash(s.spec.reason.as_deref())),
             ]
         })
         .collect();
@@ -342,7 +349,7 @@ pub fn sort_commands(commands: &mut [Command]) {
 }
 
 fn id_cell(command: &Command) -> Cell {
-    Cell::new(
+    cell(
         command
             .status
             .as_ref()
@@ -364,10 +371,10 @@ pub fn commands_table(commands: &[Command], now: Timestamp, colors: Colors) -> S
                 .or(c.metadata.creation_timestamp.as_ref());
             vec![
                 id_cell(c),
-                Cell::new(command_line(c)),
+                cell(command_line(c)),
                 colored(phase_name(phase), command_phase_color(phase), colors),
-                Cell::new(command_duration(c, now)),
-                Cell::new(relative(now, started)),
+                cell(command_duration(c, now)),
+                cell(relative(now, started)),
             ]
         })
         .collect();
@@ -386,9 +393,9 @@ pub fn jobs_table(commands: &[Command], now: Timestamp, colors: Colors) -> Strin
             let phase = c.status.as_ref().and_then(|s| s.phase);
             vec![
                 id_cell(c),
-                Cell::new(command_line(c)),
+                cell(command_line(c)),
                 colored(phase_name(phase), command_phase_color(phase), colors),
-                Cell::new(relative(
+                cell(relative(
                     now,
                     c.status.as_ref().and_then(|s| s.start_time.as_ref()),
                 )),
@@ -539,6 +546,26 @@ mod tests {
             spec: DeviceSpec::default(),
             status,
         }
+    }
+
+    #[test]
+    fn device_and_user_text_in_tables_is_escaped() {
+        let now = ts(NOW);
+        let devices = vec![device(
+            "host-1",
+            Some(DeviceStatus {
+                hostname: Some("evil\x1b]0;pwned\x07\u{202e}host".into()),
+                os_version: Some("Linux\x1b[2J".into()),
+                ..Default::default()
+            }),
+        )];
+        let t = devices_table(&devices, now, plain());
+        assert!(!t.contains('\x1b') && !t.contains('\u{202e}'), "{t:?}");
+        assert!(t.contains("evil\\x1b]0;pwned\\x07\\u202ehost"), "{t}");
+        assert!(t.contains("Linux\\x1b[2J"), "{t}");
+        // Colours are the CLI's own escapes and stay.
+        let colored = devices_table(&devices, now, Colors { enabled: true });
+        assert!(colored.contains("\x1b[") && !colored.contains("\x1b]0;"));
     }
 
     #[test]

@@ -7,11 +7,12 @@ use std::path::Path;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ListParams, PostParams};
 use liveresponse_api::command::Invocation;
-use liveresponse_api::crd::{Command, CommandPhase, CommandSpec};
+use liveresponse_api::crd::{Command, CommandPhase, CommandSpec, OutputFormat};
 
 use crate::client::{Ctx, merge_patch, retry};
 use crate::error::{Error, Result};
 use crate::render::{Colors, command_line, sort_commands};
+use crate::sanitize;
 use crate::wait::{self, SPINNER_DELAY, Spinner};
 
 /// The Command resource for an invocation typed in `session`.
@@ -237,8 +238,18 @@ pub fn present(command: &Command, redirect: Option<&str>, err: Colors) -> Result
                 println!("wrote {n} bytes to {path}");
             }
             None if content.is_empty() => {}
-            None if content.ends_with('\n') => print!("{content}"),
-            None => println!("{content}"),
+            None => {
+                // The agent rendered this from host data; the file above keeps it exact.
+                let shown = match command.spec.output {
+                    OutputFormat::Json => sanitize::json(content),
+                    OutputFormat::Table => sanitize::text(content),
+                };
+                if shown.ends_with('\n') {
+                    print!("{shown}");
+                } else {
+                    println!("{shown}");
+                }
+            }
         }
     } else if let Some(path) = redirect.filter(|_| report.succeeded) {
         // A command that succeeded with no output still leaves the file the analyst
@@ -247,17 +258,17 @@ pub fn present(command: &Command, redirect: Option<&str>, err: Colors) -> Result
         println!("wrote {n} bytes to {path}");
     }
     for note in &report.notes {
-        eprintln!("{}", err.yellow(note));
+        eprintln!("{}", err.yellow(&sanitize::text(note)));
     }
     if let Some(error) = &report.error {
-        eprintln!("{} {error}", err.red("error:"));
+        eprintln!("{} {}", err.red("error:"), sanitize::text(error));
     }
     Ok(report.succeeded)
 }
 
 /// The label of a command while it runs.
 pub fn label(command: &Command) -> String {
-    command_line(command)
+    sanitize::line(&command_line(command)).into_owned()
 }
 
 #[cfg(test)]

@@ -148,7 +148,7 @@ pub fn ended_line(name: &str, session: Option<&LiveResponseSession>) -> String {
                 .and_then(|s| s.status.as_ref())
                 .and_then(|s| s.message.as_deref())
                 .filter(|m| !m.is_empty())
-                .map(|m| format!(": {m}"))
+                .map(|m| format!(": {}", crate::sanitize::text(m)))
                 .unwrap_or_default();
             format!("session {name} ended {phase:?}{message}")
         }

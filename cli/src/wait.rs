@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 
 use crate::client::lost_connection;
 use crate::error::{Error, Result, is_expired_watch, is_transient_watch, watch_detail};
+use crate::sanitize;
 
 /// How long a wait stays silent before the spinner appears, so quick commands do not
 /// flash one.
@@ -34,7 +35,7 @@ impl Spinner {
         let style = ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
         bar.set_style(style);
-        bar.set_message(message.into());
+        bar.set_message(sanitize::line(&message.into()).into_owned());
         let reveal = std::io::stderr().is_terminal().then(|| {
             let bar = bar.clone();
             tokio::spawn(async move {
@@ -47,18 +48,20 @@ impl Spinner {
     }
 
     pub fn set_message(&self, message: impl Into<String>) {
-        self.bar.set_message(message.into());
+        self.bar
+            .set_message(sanitize::line(&message.into()).into_owned());
     }
 
     /// Prints a line on stderr above the spinner.
     pub fn note(&self, line: &str) {
-        self.bar.suspend(|| eprintln!("{line}"));
+        // Notes quote API errors, which may quote an object another user wrote.
+        self.bar.suspend(|| eprintln!("{}", sanitize::text(line)));
     }
 
     /// A printer like [`Spinner::note`] for a task that outlives this borrow.
     pub fn printer(&self) -> impl Fn(&str) + Send + Sync + 'static {
         let bar = self.bar.clone();
-        move |line: &str| bar.suspend(|| eprintln!("{line}"))
+        move |line: &str| bar.suspend(|| eprintln!("{}", sanitize::text(line)))
     }
 
     pub fn finish(mut self) {

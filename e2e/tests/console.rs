@@ -446,3 +446,181 @@ pub async fn exec_for_scripts(env: &'static Env) -> Result<()> {
     env.stack.kill_agent(ns, device);
     Ok(())
 }
+
+/// A file name that would retitle the terminal, ring its bell and clear the screen.
+const EVIL_NAME: &str = "evil\x1b]0;pwned\x07\x1b[2Jname.txt";
+/// How the CLI shows it.
+const EVIL_SHOWN: &str = "evil\\x1b]0;pwned\\x07\\x1b[2Jname.txt";
+/// An argument of a process's command line that would clear the screen.
+const EVIL_ARG: &str = "x\x1b[2J\u{202e}argv";
+const EVIL_ARG_SHOWN: &str = "x\\x1b[2J\\u202eargv";
+
+/// The console shows what a host wrote, never obeys it: a file name and a command line with
+/// escape sequences come out escaped from `exec` and at the console, exact in `-output json`,
+/// and the terminal's title is untouched.
+pub async fn hostile_text_is_shown_escaped(env: &'static Env) -> Result<()> {
+    let ns = "lr-hostile";
+    let device = "hostile-host";
+    env.stack.tenant(ns, "")?;
+    env.stack.start_agent(ns, device, Path::new("/"), &[])?;
+    env.stack.wait_device(ns, device, true, T)?;
+    let dir = e2e::repo_root().join(format!("e2e/.state/roots/hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(EVIL_NAME), "x")?;
+    let dir_text = dir.to_string_lossy().into_owned();
+
+    // `sh` stays the parent of its `sleep` (the `:` after it), so its own command line, with
+    // the hostile argument as `$0`, is what the agent lists.
+    let mut child = Proc::new("sh")
+        .args(["-c", "sleep 300; :", EVIL_ARG])
+        .spawn()?;
+    let pid = child.id().to_string();
+    let start = Instant::now();
+    while !std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .windows(EVIL_ARG.len())
+        .any(|w| w == EVIL_ARG.as_bytes())
+    {
+        ensure!(start.elapsed() < T, "sh {pid} never showed its arguments");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let result = hostile_checks(env, ns, device, &dir_text, &pid).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    env.stack.kill_agent(ns, device);
+    result
+}
+
+fn no_raw_escape(what: &str, bytes: &[u8]) -> Result<()> {
+    ensure!(
+        !bytes.contains(&0x1b) && !bytes.contains(&0x07),
+        "{what} sent a raw ESC or BEL to the terminal: {}",
+        String::from_utf8_lossy(bytes).escape_debug()
+    );
+    Ok(())
+}
+
+async fn hostile_checks(env: &Env, ns: &str, device: &str, dir: &str, pid: &str) -> Result<()> {
+    // exec: stdout and stderr carry the escapes as text.
+    let out = exec(env, "analyst-basic", ns, &[device, "--", "dir", dir])?;
+    ensure!(
+        out.status.success(),
+        "exec dir failed: {}",
+        String::from_utf8_lossy(&out.stderr).escape_debug()
+    );
+    no_raw_escape("exec dir (stdout)", &out.stdout)?;
+    no_raw_escape("exec dir (stderr)", &out.stderr)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(stdout.contains(EVIL_SHOWN), "exec dir: {stdout}");
+
+    let out = exec(
+        env,
+        "analyst-basic",
+        ns,
+        &[device, "--", "processes", "-pid", pid],
+    )?;
+    ensure!(
+        out.status.success(),
+        "exec processes failed: {}",
+        String::from_utf8_lossy(&out.stderr).escape_debug()
+    );
+    no_raw_escape("exec processes", &out.stdout)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(stdout.contains(EVIL_ARG_SHOWN), "exec processes: {stdout}");
+    ensure!(
+        !stdout.contains('\u{202e}'),
+        "a raw bidi override: {stdout}"
+    );
+
+    // -output json: still no raw ESC on the terminal, and the values are the exact names.
+    let out = exec(
+        env,
+        "analyst-basic",
+        ns,
+        &[device, "--", "dir", dir, "-output", "json"],
+    )?;
+    ensure!(out.status.success(), "exec dir -output json failed");
+    no_raw_escape("exec dir -output json", &out.stdout)?;
+    let records: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("exec dir -output json is not JSON")?;
+    ensure!(
+        records.iter().any(|r| r["name"] == EVIL_NAME),
+        "the JSON lost the exact name: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = exec(
+        env,
+        "analyst-basic",
+        ns,
+        &[device, "--", "processes", "-pid", pid, "-output", "json"],
+    )?;
+    ensure!(out.status.success(), "exec processes -output json failed");
+    ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains('\u{202e}'),
+        "a raw bidi override in JSON on the terminal"
+    );
+    let records: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("exec processes -output json is not JSON")?;
+    ensure!(
+        records.iter().any(|r| r["commandLine"]
+            .as_str()
+            .is_some_and(|l| l.contains(EVIL_ARG))),
+        "the JSON lost the exact command line: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The console, in a real terminal.
+    let work: PathBuf = e2e::repo_root().join(format!("e2e/.state/hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let tmux = Tmux::new("hostile");
+    let cmdline = format!(
+        "env KUBECONFIG={} PATH={} NO_COLOR=1 kubectl liveresponse -n {ns} connect {device} --reason hostile-test",
+        env.cluster.kubeconfig("analyst-basic").display(),
+        path_with_plugins(env)
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "lr",
+        "-x",
+        "250",
+        "-y",
+        "60",
+        "-c",
+        &work.to_string_lossy(),
+        &cmdline,
+    ])?;
+    let _ = tmux.run(&["set-option", "-t", "lr", "remain-on-exit", "on"]);
+    let title_before = tmux.run(&["display-message", "-p", "-t", "lr", "#{pane_title}"])?;
+    tmux.wait_for(&format!("[{device} "), T).await?;
+    tmux.line(&format!("dir {dir}"))?;
+    tmux.wait_for(EVIL_SHOWN, T).await?;
+    tmux.line(&format!("processes -pid {pid}"))?;
+    let screen = tmux.wait_for(EVIL_ARG_SHOWN, T).await?;
+    // Had the name reached the terminal raw, it would have cleared the screen (the banner
+    // gone) and retitled the pane.
+    ensure!(
+        screen.contains("Live response session"),
+        "the screen was cleared:\n{screen}"
+    );
+    let title = tmux.run(&["display-message", "-p", "-t", "lr", "#{pane_title}"])?;
+    ensure!(
+        !title.contains("pwned") && title == title_before,
+        "the pane title changed to {title:?}"
+    );
+    // `> file` keeps the raw bytes: it is evidence, not display.
+    tmux.line(&format!("dir {dir} -output json > hostile.json"))?;
+    tmux.wait_for("to hostile.json", T).await?;
+    let saved = std::fs::read(work.join("hostile.json")).context("hostile.json")?;
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&saved)?;
+    ensure!(
+        records.iter().any(|r| r["name"] == EVIL_NAME),
+        "hostile.json lost the exact name"
+    );
+    tmux.line("disconnect")?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}

@@ -92,6 +92,7 @@ fn main() {
         agent_protocol::a_copied_certificate_is_refused_and_cannot_rename_the_device,
         defence::metadata_of_others_objects_is_refused,
         enrollment::bootstrap_tokens_expire_run_out_and_name_their_devices,
+        console::hostile_text_is_shown_escaped,
         pipeline::brief_disconnect_keeps_running_commands,
         pipeline::offline_device_commands_wait_and_run_in_order,
         pipeline::offline_queue_timeout_ends_commands_and_session,
