@@ -341,18 +341,21 @@ impl Console<'_> {
     }
 
     async fn execute(&self, line: &ConsoleLine) {
-        let submitted = interruptible(run::submit(
-            self.ctx,
-            &self.name,
-            &line.invocation,
-            line.background,
-        ))
-        .await;
+        let built = run::build_command(&self.name, &line.invocation, line.background);
+        let name = built.metadata.name.clone().unwrap_or_default();
+        let submitted = interruptible(run::create(self.ctx, built)).await;
         let command = match submitted {
             Some(Ok(command)) => command,
             Some(Err(err)) => return self.error(&err.to_string()),
             None => {
-                return self.error("interrupted; the command may have been created anyway: see 'jobs' or 'kubectl liveresponse log'");
+                // The create may have reached the API server: cancel what it made.
+                return match run::cancel_if_created(self.ctx, &name).await {
+                    Ok(true) => self.error(&format!("interrupted; {name} was cancelled")),
+                    Ok(false) => self.error("interrupted; nothing was created"),
+                    Err(err) => self.error(&format!(
+                        "interrupted; {name} may have been created and could not be cancelled: {err}"
+                    )),
+                };
             }
         };
         let name = command.metadata.name.clone().unwrap_or_default();

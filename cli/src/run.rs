@@ -15,12 +15,26 @@ use crate::render::{Colors, command_line, sort_commands};
 use crate::sanitize;
 use crate::wait::{self, SPINNER_DELAY, Spinner};
 
+/// A new Command name in `session`: named here rather than by the API server, so a Ctrl+C
+/// while the create is on its way can still cancel what it created.
+pub fn new_name(session: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..8)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    // Object names are at most 253 characters.
+    let prefix: String = session.chars().take(240).collect();
+    format!("{prefix}-{suffix}")
+}
+
 /// The Command resource for an invocation typed in `session`.
 pub fn build_command(session: &str, inv: &Invocation, background: bool) -> Command {
     let output = inv.output.unwrap_or_default();
     Command {
         metadata: ObjectMeta {
-            generate_name: Some(format!("{session}-")),
+            name: Some(new_name(session)),
             ..Default::default()
         },
         spec: CommandSpec {
@@ -44,11 +58,27 @@ pub async fn submit(
     inv: &Invocation,
     background: bool,
 ) -> Result<Command> {
-    let command = build_command(session, inv, background);
+    create(ctx, build_command(session, inv, background)).await
+}
+
+/// Creates a built Command (see [`build_command`]).
+pub async fn create(ctx: &Ctx, command: Command) -> Result<Command> {
     Ok(ctx
         .commands()
         .create(&PostParams::default(), &command)
         .await?)
+}
+
+/// Cancels a command that may or may not have been created (a Ctrl+C came while its create
+/// was on its way): nothing to do when it does not exist.
+pub async fn cancel_if_created(ctx: &Ctx, name: &str) -> Result<bool> {
+    let patch = serde_json::json!({ "spec": { "cancel": true } });
+    let api = ctx.commands();
+    match retry(|_| {}, || merge_patch(&api, name, &patch)).await {
+        Ok(_) => Ok(true),
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The commands of a session, in log order. The API server cannot select them by
@@ -288,8 +318,16 @@ mod tests {
     fn command_carries_verb_args_output_and_background() {
         let l = line("processes -name sshd -output json &");
         let c = build_command("host-1-x7k2p", &l.invocation, l.background);
-        assert_eq!(c.metadata.generate_name.as_deref(), Some("host-1-x7k2p-"));
-        assert_eq!(c.metadata.name, None);
+        let name = c.metadata.name.clone().unwrap_or_default();
+        assert!(name.starts_with("host-1-x7k2p-"), "{name}");
+        assert_eq!(name.len(), "host-1-x7k2p-".len() + 8);
+        assert_ne!(
+            build_command("host-1-x7k2p", &l.invocation, false)
+                .metadata
+                .name,
+            c.metadata.name,
+            "each command gets its own name"
+        );
         assert_eq!(c.spec.session, "host-1-x7k2p");
         assert_eq!(c.spec.command, "processes");
         assert_eq!(c.spec.output, OutputFormat::Json);
