@@ -107,6 +107,11 @@ impl Context {
         }
     }
 
+    /// The cached Commands of one session.
+    pub fn session_commands(&self, ns: &str, session: &str) -> Vec<Arc<Command>> {
+        commands_of(&self.commands, ns, session)
+    }
+
     /// The namespace's settings (defaults when it has none).
     pub fn settings_of(&self, ns: &str) -> Option<Arc<LiveResponseSettings>> {
         self.settings.get(&ObjectRef::new("default").within(ns))
@@ -122,7 +127,7 @@ impl Context {
     /// when it is not; after a restart, the Device's `lastSeen` says since when.
     pub fn device_facts(&self, key: &DeviceKey) -> DeviceFacts {
         let link = self.gateway.link(key);
-        let connected = self.gateway.is_connected(key);
+        let connected = link.as_ref().is_some_and(|l| l.connected);
         let offline_since = link.and_then(|l| l.disconnected_at).or_else(|| {
             self.devices
                 .get(&ObjectRef::new(&key.1).within(&key.0))
@@ -194,6 +199,15 @@ impl Context {
             tracing::debug!(error = %e, "could not record an event");
         }
     }
+}
+
+/// The cached Commands of one session.
+pub fn commands_of(store: &Store<Command>, ns: &str, session: &str) -> Vec<Arc<Command>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|c| c.spec.session == session && c.metadata.namespace.as_deref() == Some(ns))
+        .collect()
 }
 
 /// Now as a Kubernetes timestamp.

@@ -228,14 +228,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let by_session = command_store.clone();
     let command_ctrl = command_ctrl
         .watches(sessions_api, cfg, move |s: LiveResponseSession| {
-            let ns = s.namespace();
-            let name = s.name_any();
-            by_session
-                .state()
-                .into_iter()
-                .filter(|c| c.namespace() == ns && c.spec.session == name)
-                .map(|c| ObjectRef::from_obj(c.as_ref()))
-                .collect::<Vec<_>>()
+            liveresponse_operator::context::commands_of(
+                &by_session,
+                &s.namespace().unwrap_or_default(),
+                &s.name_any(),
+            )
+            .into_iter()
+            .map(|c| ObjectRef::from_obj(c.as_ref()))
+            .collect::<Vec<_>>()
         })
         .reconcile_on(gateway.command_wakes.stream())
         .shutdown_on_signal()

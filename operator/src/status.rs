@@ -39,14 +39,7 @@ pub fn set_condition(
 
 /// The first `max` bytes of `s`, cut at a character boundary.
 pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
+    liveresponse_api::output::truncate(s, max).0.to_string()
 }
 
 /// An agent-provided text bounded to `max` bytes; a cut says how much was dropped, so a

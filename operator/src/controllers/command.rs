@@ -27,6 +27,7 @@ use liveresponse_api::proto::{self, CancelReason, Execute, Outcome};
 use serde_json::json;
 
 use crate::context::Context;
+use crate::controllers::{plus, until};
 use crate::error::{Error, Result};
 use crate::gateway::{CommandTarget, Report, step_uid};
 use crate::status::set_condition;
@@ -189,17 +190,6 @@ fn phase(c: &Command) -> Option<CommandPhase> {
     c.status.as_ref().and_then(|s| s.phase)
 }
 
-fn until(now: jiff::Timestamp, t: jiff::Timestamp) -> Duration {
-    Duration::try_from(t.duration_since(now)).unwrap_or_default()
-}
-
-fn plus(t: jiff::Timestamp, d: Duration) -> jiff::Timestamp {
-    jiff::SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_add(d).ok())
-        .unwrap_or(jiff::Timestamp::MAX)
-}
-
 /// The command's timeout: its own, or the namespace's for its verb's timeout class.
 pub fn timeout_of(c: &Command, parsed: Option<&Invocation>, limits: &Limits) -> Duration {
     if let Some(t) = c.spec.timeout_seconds {
@@ -345,11 +335,11 @@ fn decide_pending(
 /// When a command waiting for an offline device gives up: `offlineQueueTimeout` after the
 /// session was opened or the device went away, whichever is later.
 fn offline_deadline(o: &Observed, session: &SessionFacts) -> jiff::Timestamp {
-    let start = match o.device.offline_since {
-        Some(t) if t > session.created => t,
-        _ => session.created,
-    };
-    plus(start, o.limits.offline_queue_timeout)
+    super::offline_deadline(
+        session.created,
+        o.device.offline_since,
+        o.limits.offline_queue_timeout,
+    )
 }
 
 fn decide_queued(
@@ -726,15 +716,10 @@ async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), Strin
 /// unfinished (see [`Observed::blocked_by_earlier`]).
 fn blocked_by_earlier(c: &Command, ctx: &Context) -> Option<bool> {
     let my_id = c.status.as_ref().and_then(|s| s.id)?;
-    let ns = c.namespace();
     let mine = c.creation_timestamp();
     let mut verdict = None;
-    for o in ctx.commands.state() {
-        if o.namespace() != ns
-            || o.spec.session != c.spec.session
-            || o.spec.background
-            || o.uid() == c.uid()
-            || phase(&o).is_some_and(CommandPhase::is_final)
+    for o in ctx.session_commands(&c.namespace().unwrap_or_default(), &c.spec.session) {
+        if o.spec.background || o.uid() == c.uid() || phase(&o).is_some_and(CommandPhase::is_final)
         {
             continue;
         }
@@ -1049,24 +1034,19 @@ async fn finish(c: &Command, o: &Observed, f: Finish, ctx: &Context) -> Result<(
 
 /// A finished command lets the session's next commands start and may end an idle session.
 fn wake_followers(c: &Command, ctx: &Context) {
-    let ns = c.namespace();
-    for o in ctx.commands.state() {
-        if o.namespace() == ns
-            && o.spec.session == c.spec.session
-            && matches!(
-                phase(&o),
-                None | Some(CommandPhase::Pending | CommandPhase::Queued)
-            )
-        {
+    let ns = c.namespace().unwrap_or_default();
+    for o in ctx.session_commands(&ns, &c.spec.session) {
+        if matches!(
+            phase(&o),
+            None | Some(CommandPhase::Pending | CommandPhase::Queued)
+        ) {
             ctx.gateway
                 .command_wakes
                 .wake(ObjectRef::from_obj(o.as_ref()));
         }
     }
-    if let Some(ns) = ns {
-        ctx.session_wakes
-            .wake(ObjectRef::new(&c.spec.session).within(&ns));
-    }
+    ctx.session_wakes
+        .wake(ObjectRef::new(&c.spec.session).within(&ns));
 }
 
 #[cfg(test)]

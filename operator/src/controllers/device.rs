@@ -232,7 +232,6 @@ pub async fn run(ctx: Arc<Context>) {
 
 /// A device that came or went concerns its live sessions and their commands.
 fn wake_dependents(ctx: &Context, key: &DeviceKey, sessions: &[Arc<LiveResponseSession>]) {
-    let mut names = vec![];
     for s in sessions {
         if s.namespace().as_deref() == Some(key.0.as_str())
             && s.spec.device == key.1
@@ -243,14 +242,11 @@ fn wake_dependents(ctx: &Context, key: &DeviceKey, sessions: &[Arc<LiveResponseS
                 .is_some_and(|p| p.is_final())
         {
             ctx.session_wakes.wake(ObjectRef::from_obj(s.as_ref()));
-            names.push(s.name_any());
-        }
-    }
-    for c in ctx.commands.state() {
-        if c.namespace().as_deref() == Some(key.0.as_str()) && names.contains(&c.spec.session) {
-            ctx.gateway
-                .command_wakes
-                .wake(ObjectRef::from_obj(c.as_ref()));
+            for c in ctx.session_commands(&key.0, &s.name_any()) {
+                ctx.gateway
+                    .command_wakes
+                    .wake(ObjectRef::from_obj(c.as_ref()));
+            }
         }
     }
 }

@@ -23,7 +23,8 @@ use liveresponse_api::proto::CancelReason;
 use serde_json::json;
 
 use crate::context::Context;
-use crate::controllers::command::DeviceFacts;
+use crate::controllers::command::{DeviceFacts, Limits};
+use crate::controllers::{offline_deadline, plus, until};
 use crate::error::{Error, Result};
 use crate::status::set_condition;
 
@@ -59,17 +60,6 @@ pub enum Decision {
 
 fn phase(s: &LiveResponseSession) -> Option<SessionPhase> {
     s.status.as_ref().and_then(|st| st.phase)
-}
-
-fn plus(t: jiff::Timestamp, d: Duration) -> jiff::Timestamp {
-    jiff::SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_add(d).ok())
-        .unwrap_or(jiff::Timestamp::MAX)
-}
-
-fn until(now: jiff::Timestamp, t: jiff::Timestamp) -> Duration {
-    Duration::try_from(t.duration_since(now)).unwrap_or_default()
 }
 
 fn end(phase: SessionPhase, reason: &'static str, message: String) -> Decision {
@@ -123,13 +113,8 @@ pub fn decide(s: &LiveResponseSession, o: &Observed) -> Decision {
         Some(SessionPhase::Connected) => {}
         _ if o.device.connected => return Decision::Connect,
         _ => {
-            let offline_limit = parse_duration(&settings.offline_queue_timeout)
-                .unwrap_or(Duration::from_secs(72 * 3600));
-            let start = match o.device.offline_since {
-                Some(t) if t > created => t,
-                _ => created,
-            };
-            let deadline = plus(start, offline_limit);
+            let offline_limit = Limits::from_settings(settings).offline_queue_timeout;
+            let deadline = offline_deadline(created, o.device.offline_since, offline_limit);
             if o.now >= deadline {
                 return end(
                     SessionPhase::Expired,
@@ -271,14 +256,11 @@ fn observe(s: &LiveResponseSession, ctx: &Context) -> Observed {
         .get(&ObjectRef::new(&s.spec.device).within(&ns))
         .is_some();
     let name = s.name_any();
-    let busy = ctx.commands.state().iter().any(|c| {
-        c.spec.session == name
-            && c.namespace().as_deref() == Some(ns.as_str())
-            && !c
-                .status
-                .as_ref()
-                .and_then(|x| x.phase)
-                .is_some_and(|p| p.is_final())
+    let busy = ctx.session_commands(&ns, &name).iter().any(|c| {
+        !c.status
+            .as_ref()
+            .and_then(|x| x.phase)
+            .is_some_and(|p| p.is_final())
     });
     Observed {
         now: jiff::Timestamp::now(),
@@ -425,31 +407,23 @@ async fn write_status(
 
 /// The session's commands see its change (they end, or may run).
 fn wake_commands(s: &LiveResponseSession, ctx: &Context) {
-    let ns = s.namespace();
-    let name = s.name_any();
-    for c in ctx.commands.state() {
-        if c.spec.session == name && c.namespace() == ns {
-            ctx.gateway
-                .command_wakes
-                .wake(ObjectRef::from_obj(c.as_ref()));
-        }
+    let ns = s.namespace().unwrap_or_default();
+    for c in ctx.session_commands(&ns, &s.name_any()) {
+        ctx.gateway
+            .command_wakes
+            .wake(ObjectRef::from_obj(c.as_ref()));
     }
 }
 
 /// Deleting a session stops what its commands still do on the device; the commands
 /// themselves go with it (ownerReferences).
 async fn cleanup(s: Arc<LiveResponseSession>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = s.namespace();
-    let name = s.name_any();
-    for c in ctx.commands.state() {
-        if c.spec.session == name && c.namespace() == ns {
-            ctx.gateway
-                .cancel(&c.uid().unwrap_or_default(), CancelReason::SessionEnded);
-        }
+    let ns = s.namespace().unwrap_or_default();
+    for c in ctx.session_commands(&ns, &s.name_any()) {
+        ctx.gateway
+            .cancel(&c.uid().unwrap_or_default(), CancelReason::SessionEnded);
     }
-    ctx.gateway
-        .device_wakes
-        .wake((ns.unwrap_or_default(), s.spec.device.clone()));
+    ctx.gateway.device_wakes.wake((ns, s.spec.device.clone()));
     Ok(Action::await_change())
 }
 
