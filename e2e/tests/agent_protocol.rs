@@ -34,35 +34,8 @@ pub async fn oversized_agent_strings_are_bounded(env: &'static Env) -> Result<()
     stack.wait_device(ns, device, true, T)?;
     stack.kill_agent(ns, device);
     stack.wait_device(ns, device, false, T)?;
-    let dir = stack.agent_dir(ns, device);
-    let tls = ClientTlsConfig::new()
-        .domain_name("127.0.0.1")
-        .ca_certificate(Certificate::from_pem(std::fs::read_to_string(
-            stack.ca_file(),
-        )?))
-        .identity(Identity::from_pem(
-            std::fs::read_to_string(dir.join("device.crt"))?,
-            std::fs::read_to_string(dir.join("device.key"))?,
-        ));
-    let ch = Endpoint::from_shared(stack.gateway()?)?
-        .tls_config(tls)?
-        .connect()
-        .await?;
-    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
-    tx.send(AgentMessage {
-        msg: Some(agent_message::Msg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            hostname: "h".repeat(1 << 20),
-            os: "linux".into(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut inbound = AgentGatewayClient::new(ch)
-        .max_encoding_message_size(64 << 20)
-        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (inbound, tx) = attach_as(env, ns, device, &"h".repeat(1 << 20)).await?;
+    let mut inbound = inbound?;
     let beat = {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -199,6 +172,7 @@ async fn attach_as(
     })
     .await?;
     let r = AgentGatewayClient::new(ch)
+        .max_encoding_message_size(64 << 20)
         .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map(|r| r.into_inner());

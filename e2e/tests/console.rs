@@ -81,6 +81,43 @@ impl Drop for Tmux {
     }
 }
 
+/// `kubectl liveresponse connect DEVICE` as `user` in a fresh tmux pane of `width` columns,
+/// working in its own folder under e2e/.state; returns once the prompt shows.
+async fn console(
+    env: &Env,
+    tag: &str,
+    user: &str,
+    ns: &str,
+    device: &str,
+    width: u32,
+) -> Result<(Tmux, PathBuf)> {
+    let work: PathBuf = e2e::repo_root().join(format!("e2e/.state/{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let tmux = Tmux::new(tag);
+    let cmdline = format!(
+        "env KUBECONFIG={} PATH={} NO_COLOR=1 kubectl liveresponse -n {ns} connect {device} --reason {tag}-test",
+        env.cluster.kubeconfig(user).display(),
+        path_with_plugins(env)
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "lr",
+        "-x",
+        &width.to_string(),
+        "-y",
+        "60",
+        "-c",
+        &work.to_string_lossy(),
+        &cmdline,
+    ])?;
+    // Keep the pane after exit so a failure shows what the console printed.
+    let _ = tmux.run(&["set-option", "-t", "lr", "remain-on-exit", "on"]);
+    tmux.wait_for(&format!("[{device} "), T).await?;
+    Ok((tmux, work))
+}
+
 fn path_with_plugins(env: &Env) -> String {
     let cli_dir = target_bin("kubectl-liveresponse")
         .parent()
@@ -114,31 +151,7 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
     env.stack.start_agent(ns, device, Path::new("/"), &[])?;
     env.stack.wait_device(ns, device, true, T)?;
     let client = env.cluster.client("analyst-advanced").await?;
-    let work: PathBuf = e2e::repo_root().join(format!("e2e/.state/console-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-
-    let tmux = Tmux::new("console");
-    let cmdline = format!(
-        "env KUBECONFIG={} PATH={} NO_COLOR=1 kubectl liveresponse -n {ns} connect {device} --reason console-test",
-        env.cluster.kubeconfig("analyst-advanced").display(),
-        path_with_plugins(env)
-    );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "lr",
-        "-x",
-        "220",
-        "-y",
-        "60",
-        "-c",
-        &work.to_string_lossy(),
-        &cmdline,
-    ])?;
-    // Keep the pane after exit so a failure shows what the console printed.
-    let _ = tmux.run(&["set-option", "-t", "lr", "remain-on-exit", "on"]);
-    tmux.wait_for(&format!("[{device} "), T).await?;
+    let (tmux, work) = console(env, "console", "analyst-advanced", ns, device, 220).await?;
     let sessions: Api<LiveResponseSession> = Api::namespaced(client.clone(), ns);
     let session = sessions
         .list(&ListParams::default())
@@ -572,30 +585,8 @@ async fn hostile_checks(env: &Env, ns: &str, device: &str, dir: &str, pid: &str)
     );
 
     // The console, in a real terminal.
-    let work: PathBuf = e2e::repo_root().join(format!("e2e/.state/hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    let tmux = Tmux::new("hostile");
-    let cmdline = format!(
-        "env KUBECONFIG={} PATH={} NO_COLOR=1 kubectl liveresponse -n {ns} connect {device} --reason hostile-test",
-        env.cluster.kubeconfig("analyst-basic").display(),
-        path_with_plugins(env)
-    );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "lr",
-        "-x",
-        "250",
-        "-y",
-        "60",
-        "-c",
-        &work.to_string_lossy(),
-        &cmdline,
-    ])?;
-    let _ = tmux.run(&["set-option", "-t", "lr", "remain-on-exit", "on"]);
+    let (tmux, work) = console(env, "hostile", "analyst-basic", ns, device, 250).await?;
     let title_before = tmux.run(&["display-message", "-p", "-t", "lr", "#{pane_title}"])?;
-    tmux.wait_for(&format!("[{device} "), T).await?;
     tmux.line(&format!("dir {dir}"))?;
     tmux.wait_for(EVIL_SHOWN, T).await?;
     tmux.line(&format!("processes -pid {pid}"))?;
