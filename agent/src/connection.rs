@@ -7,15 +7,20 @@ use std::time::Duration;
 use anyhow::anyhow;
 use liveresponse_api::proto::agent_gateway_client::AgentGatewayClient;
 use liveresponse_api::proto::{
-    AgentMessage, Heartbeat, Hello, PROTOCOL_VERSION, agent_message, operator_message,
+    AgentMessage, Heartbeat, Hello, PROTOCOL_VERSION, RenewRequest, agent_message, operator_message,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 
+use crate::enroll::{Identityfiles, new_key_and_csr};
 use crate::executor::Executor;
+
+/// How long to wait for an answer to a renewal, or after a refusal, before asking again.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
 
 /// Why a connection ended.
 pub enum Ended {
@@ -27,7 +32,10 @@ pub enum Ended {
 
 pub struct Connector {
     pub gateway: String,
-    pub tls: ClientTlsConfig,
+    /// The name in the gateway's certificate.
+    pub domain: String,
+    /// Read at each connection: a renewal or a new CA bundle takes effect on the next one.
+    pub files: Identityfiles,
     pub hello: Hello,
     pub executor: Arc<Executor>,
 }
@@ -63,8 +71,12 @@ impl Connector {
     }
 
     async fn stream(&self, welcomed: &mut bool) -> Ended {
+        let tls = match self.files.tls(&self.domain) {
+            Ok(t) => t,
+            Err(e) => return Ended::Fatal(e),
+        };
         let channel = match Endpoint::from_shared(self.gateway.clone())
-            .and_then(|e| e.tls_config(self.tls.clone()))
+            .and_then(|e| e.tls_config(tls))
             .map(|e| {
                 e.connect_timeout(Duration::from_secs(10))
                     .tcp_keepalive(Some(Duration::from_secs(20)))
@@ -91,8 +103,30 @@ impl Connector {
         };
         let mut heartbeat = Duration::from_secs(5);
         let mut beat: Option<tokio::task::JoinHandle<()>> = None;
+        // When to ask for a new certificate, and the key of a request not yet answered.
+        let mut renew_at: Option<Instant> = None;
+        let mut pending_key: Option<rcgen::KeyPair> = None;
         let ended = loop {
-            let msg = match inbound.message().await {
+            let due = renew_at;
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = async { tokio::time::sleep_until(due.unwrap_or_else(Instant::now)).await }, if due.is_some() => {
+                    renew_at = Some(Instant::now() + RENEW_RETRY);
+                    match new_key_and_csr(&self.hello.hostname) {
+                        Ok((key, csr_pem)) => {
+                            pending_key = Some(key);
+                            tracing::info!("asking the gateway to renew this agent's certificate");
+                            let ask = AgentMessage { msg: Some(agent_message::Msg::Renew(RenewRequest { csr_pem })) };
+                            if tx.send(ask).await.is_err() {
+                                break Ended::Retry(anyhow!("stream closed"));
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot make a key to renew the certificate"),
+                    }
+                    continue;
+                }
+            };
+            let msg = match msg {
                 Ok(Some(m)) => m,
                 Ok(None) => break Ended::Retry(anyhow!("the gateway closed the stream")),
                 Err(s) => break classify(s),
@@ -104,6 +138,14 @@ impl Connector {
                     if w.heartbeat_seconds > 0 {
                         heartbeat = Duration::from_secs(u64::from(w.heartbeat_seconds));
                     }
+                    match self.files.store_ca_bundle(&w.ca_bundle_pem) {
+                        Ok(true) => tracing::info!("stored the operator's new CA bundle"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot store the operator's CA bundle")
+                        }
+                    }
+                    renew_at = Some(Instant::now() + Duration::from_secs(w.renew_after_seconds));
                     self.executor.set_sender(Some(tx.clone()));
                     let (tx2, ex) = (tx.clone(), self.executor.clone());
                     beat = Some(tokio::spawn(async move {
@@ -129,6 +171,33 @@ impl Connector {
                     let why = c.reason();
                     tracing::info!(uid = %c.command_uid, reason = why.as_str_name(), "cancel received");
                     self.executor.cancel(&c.command_uid, why)
+                }
+                Some(operator_message::Msg::Renewed(r)) => {
+                    let Some(key) = pending_key.take() else {
+                        tracing::warn!("ignored a certificate this agent did not ask for");
+                        continue;
+                    };
+                    if !r.refused.is_empty() {
+                        tracing::warn!(reason = %r.refused, retry_in_s = RENEW_RETRY.as_secs(), "the gateway refused to renew the certificate");
+                        continue;
+                    }
+                    let stored = self
+                        .files
+                        .store_renewal(&key.serialize_pem(), &r.certificate_pem)
+                        .and_then(|()| self.files.store_ca_bundle(&r.ca_bundle_pem));
+                    match stored {
+                        Ok(_) => {
+                            tracing::info!(
+                                renew_after_s = r.renew_after_seconds,
+                                "certificate renewed; the next connection uses it"
+                            );
+                            renew_at =
+                                Some(Instant::now() + Duration::from_secs(r.renew_after_seconds));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot store the renewed certificate")
+                        }
+                    }
                 }
                 Some(operator_message::Msg::Reject(r)) => {
                     break Ended::Fatal(anyhow!("the gateway refused this agent: {}", r.reason));

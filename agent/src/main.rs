@@ -125,9 +125,14 @@ async fn run(args: Args, levels: SessionLevels) -> Result<()> {
     if let Some(v) = args.protocol_version {
         hello.protocol_version = v;
     }
+    // A renewal stored just before a crash is finished before anything reads the pair.
+    files.finish_renewal()?;
+    // Fails now, with the reason, rather than retrying a connection that cannot succeed.
+    files.tls(&domain)?;
     let connector = Connector {
         gateway: args.gateway.clone(),
-        tls: files.tls(&domain)?,
+        domain,
+        files,
         hello,
         executor,
     };

@@ -8,6 +8,7 @@
 
 mod agent_protocol;
 mod api;
+mod certificates;
 mod console;
 mod control_plane;
 mod defence;
@@ -102,6 +103,8 @@ fn main() {
         hostile::persistence_survives_a_hostile_home,
         hostile::cancel_ends_a_busy_command_within_5s,
         hostile::symlinks_never_leave_the_host_root,
+        certificates::agents_renew_short_lived_certificates,
+        certificates::deleting_a_device_cuts_its_stream,
     ];
     let serial = trials![
         env,
@@ -113,6 +116,8 @@ fn main() {
         pipeline::stalled_agent_does_not_stall_other_tenants,
         // Alone: it measures the operator's memory, which other tests' commands would move.
         pipeline::large_outputs_are_summarized_in_bounded_memory,
+        // Last: it replaces the CA that every agent enrolled before it trusts.
+        certificates::the_ca_rotates_without_losing_an_agent,
     ];
     let first = libtest_mimic::run(&args, parallel);
     let mut serial_args = args.clone();

@@ -11,12 +11,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
-use liveresponse_api::crd::{Command, Device, DeviceSpec, Enrollment};
+use liveresponse_api::crd::{Command, Device, DeviceSpec, Enrollment, LiveResponseSettings};
 use liveresponse_api::proto::agent_gateway_server::AgentGateway;
 use liveresponse_api::proto::{
     AgentMessage, Cancel, CancelReason, EnrollRequest, EnrollResponse, Execute, Hello,
-    OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, Welcome, agent_message, command_event,
-    operator_message,
+    OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, Renewed, Welcome, agent_message,
+    command_event, operator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -173,6 +173,10 @@ pub struct Gateway {
     /// Enrollments per source address in the current minute.
     enrollments: Mutex<HashMap<std::net::IpAddr, (Instant, u32)>>,
     enroll_per_minute: u32,
+    /// Life of the device certificates this gateway signs, unless a namespace's settings
+    /// say otherwise.
+    device_cert_lifetime: Duration,
+    settings: std::sync::OnceLock<kube::runtime::reflector::Store<LiveResponseSettings>>,
 }
 
 impl Gateway {
@@ -182,6 +186,7 @@ impl Gateway {
         instance: String,
         heartbeat: Duration,
         metrics: crate::metrics::Metrics,
+        device_cert_lifetime: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
@@ -195,6 +200,8 @@ impl Gateway {
             tokens: std::sync::OnceLock::new(),
             enrollments: Mutex::new(HashMap::new()),
             enroll_per_minute: 60,
+            device_cert_lifetime,
+            settings: std::sync::OnceLock::new(),
         })
     }
 
@@ -337,6 +344,11 @@ impl Gateway {
         if let Some(r) = st.results.remove(exec_uid) {
             st.result_bytes = st.result_bytes.saturating_sub(r.bytes());
         }
+    }
+
+    /// Devices with a live stream to this gateway.
+    pub fn connected_devices(&self) -> Vec<DeviceKey> {
+        self.state().agents.keys().cloned().collect()
     }
 
     /// Closes a device's stream (its Device was deleted: the certificate is revoked).
@@ -577,12 +589,13 @@ impl Gateway {
         self.count_use(ns, &secret.name_any(), name).await?;
         let (cert_pem, fp) = self
             .ca
-            .sign_device(&req.csr_pem, ns, name)
+            .sign_device(&req.csr_pem, ns, name, self.device_cert_lifetime(ns))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let spec = DeviceSpec {
             enrollment: Enrollment::ExternalHost,
             node_name: None,
             certificate_sha256: Some(fp),
+            previous_certificate_sha256: None,
         };
         match existing {
             None => {
@@ -614,7 +627,7 @@ impl Gateway {
         tracing::info!(namespace = ns, device = name, "device enrolled");
         Ok(EnrollResponse {
             certificate_pem: cert_pem,
-            ca_pem: self.ca.cert_pem.clone(),
+            ca_pem: self.ca.bundle_pem.clone(),
             device: name.to_string(),
             namespace: ns.to_string(),
         })
@@ -674,6 +687,21 @@ impl Gateway {
         let _ = self.tokens.set(store);
     }
 
+    /// The namespaces' settings, for their device certificate lifetime.
+    pub fn set_settings_store(&self, store: kube::runtime::reflector::Store<LiveResponseSettings>) {
+        let _ = self.settings.set(store);
+    }
+
+    /// Life of a new certificate for a device of `ns`: its settings', else this gateway's.
+    fn device_cert_lifetime(&self, ns: &str) -> Duration {
+        self.settings
+            .get()
+            .and_then(|s| s.get(&ObjectRef::new("default").within(ns)))
+            .and_then(|s| s.spec.device_certificate_lifetime.clone())
+            .and_then(|l| liveresponse_api::crd::parse_duration(&l))
+            .unwrap_or(self.device_cert_lifetime)
+    }
+
     /// A device whose Device was deleted (revoked) may not enroll again until an admin
     /// clears its record.
     async fn check_not_revoked(&self, ns: &str, name: &str) -> Result<(), Status> {
@@ -721,12 +749,53 @@ impl Gateway {
         ))
     }
 
+    /// Signs a new certificate for a connected device and records its fingerprint, keeping
+    /// the one before as `previousCertificateSha256` so an agent that never got the answer
+    /// can still connect with its current certificate and renew again.
+    async fn renew(&self, device: &DeviceKey, csr_pem: &str) -> Result<Renewed, String> {
+        let (ns, name) = device;
+        let (cert_pem, fp) = self
+            .ca
+            .sign_device(csr_pem, ns, name, self.device_cert_lifetime(ns))
+            .map_err(|e| e.to_string())?;
+        let devices: Api<Device> = Api::namespaced(self.client.clone(), ns);
+        let dev = devices
+            .get(name)
+            .await
+            .map_err(|e| format!("cannot read the Device: {e}"))?;
+        if dev.metadata.deletion_timestamp.is_some() {
+            return Err("the Device is being deleted".into());
+        }
+        // The resourceVersion makes this a compare-and-swap with enrollment and deletion.
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": dev.metadata.resource_version },
+            "spec": {
+                "certificateSha256": fp,
+                "previousCertificateSha256": dev.spec.certificate_sha256,
+            },
+        });
+        devices
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(|e| format!("cannot record the new certificate: {e}"))?;
+        let renew_after =
+            pki::renew_after_pem(&cert_pem, jiff::Timestamp::now()).map_err(|e| e.to_string())?;
+        tracing::info!(namespace = %ns, device = %name, renew_after_s = renew_after.as_secs(), "device certificate renewed");
+        Ok(Renewed {
+            certificate_pem: cert_pem,
+            ca_bundle_pem: self.ca.bundle_pem.clone(),
+            renew_after_seconds: renew_after.as_secs(),
+            refused: String::new(),
+        })
+    }
+
     /// Who is on the other end of a stream: the device its certificate was issued for, as
-    /// long as that Device still exists and recorded this very certificate.
+    /// long as that Device still exists and recorded this very certificate (or the one
+    /// before its last renewal). Also says when that certificate is due for renewal.
     async fn authenticate(
         &self,
         certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
-    ) -> Result<DeviceKey, Status> {
+    ) -> Result<(DeviceKey, Duration), Status> {
         let certs = certs.ok_or_else(|| {
             Status::unauthenticated(
                 "a client certificate is required: enroll this agent first (--bootstrap-token)",
@@ -737,20 +806,41 @@ impl Gateway {
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let (ns, name) = pki::device_identity(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let fp = pki::fingerprint(leaf.as_ref());
+        let fp = Some(pki::fingerprint(leaf.as_ref()));
+        let renew = pki::renew_after(leaf.as_ref(), jiff::Timestamp::now())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let devices: Api<Device> = Api::namespaced(self.client.clone(), &ns);
         let dev = devices.get_opt(&name).await.map_err(internal)?;
         match dev {
             Some(d)
                 if d.metadata.deletion_timestamp.is_none()
-                    && d.spec.certificate_sha256.as_deref() == Some(fp.as_str()) =>
+                    && (d.spec.certificate_sha256 == fp
+                        || d.spec.previous_certificate_sha256 == fp) =>
             {
-                Ok((ns, name))
+                Ok(((ns, name), renew))
             }
             _ => Err(Status::permission_denied(format!(
                 "the certificate for device {name} in {ns} is revoked (the Device was deleted or re-enrolled); enroll again"
             ))),
         }
+    }
+}
+
+/// Least time between two certificate renewals on one stream.
+const RENEW_INTERVAL: Duration = Duration::from_secs(5);
+
+fn renewed_refusal_msg(why: String) -> Renewed {
+    Renewed {
+        refused: bounded(&why, MAX_MESSAGE),
+        ..Default::default()
+    }
+}
+
+fn renewed_refusal(why: &str) -> OperatorMessage {
+    OperatorMessage {
+        msg: Some(operator_message::Msg::Renewed(renewed_refusal_msg(
+            why.to_string(),
+        ))),
     }
 }
 
@@ -911,7 +1001,7 @@ impl AgentGateway for GatewayService {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let gw = self.0.clone();
-        let device = gw.authenticate(req.peer_certs()).await?;
+        let (device, renew_after) = gw.authenticate(req.peer_certs()).await?;
         let mut inbound = req.into_inner();
         // The first message must be the agent's hello, promptly.
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
@@ -942,6 +1032,8 @@ impl AgentGateway for GatewayService {
                 device: device.1.clone(),
                 namespace: device.0.clone(),
                 heartbeat_seconds: u32::try_from(gw.heartbeat.as_secs()).unwrap_or(5),
+                ca_bundle_pem: gw.ca.bundle_pem.clone(),
+                renew_after_seconds: renew_after.as_secs(),
             })),
         };
         let hostname = crate::status::truncate(&hello.hostname, 253);
@@ -949,12 +1041,17 @@ impl AgentGateway for GatewayService {
         // registration drops the stream with it unsent.
         tx.try_send(Ok(welcome))
             .map_err(|_| Status::aborted("stream closed"))?;
+        // Weak: the stream must still end when the gateway drops the connection.
+        let answers = tx.downgrade();
         let conn_id = gw.register(device.clone(), hello, tx)?;
         tracing::info!(namespace = %device.0, device = %device.1, %hostname, "agent connected");
         tokio::spawn(async move {
             let idle = gw.heartbeat * 3;
             // An agent that sends heartbeats in a tight loop must not flood anything.
             let mut last_seen: Option<Instant> = None;
+            // Signing is work an agent could ask for in a loop: one renewal at a time, and
+            // not more often than every RENEW_INTERVAL.
+            let mut last_renewal: Option<Instant> = None;
             let reason = loop {
                 match tokio::time::timeout(idle, inbound.message()).await {
                     Err(_) => break format!("no heartbeat for {}s", idle.as_secs()),
@@ -971,6 +1068,32 @@ impl AgentGateway for GatewayService {
                             if let Err(s) = gw.on_event(&device, ev) {
                                 break format!("protocol violation: {}", s.message());
                             }
+                        }
+                        Some(agent_message::Msg::Renew(r)) => {
+                            let Some(tx) = answers.upgrade() else {
+                                continue;
+                            };
+                            if last_renewal.is_some_and(|t| t.elapsed() < RENEW_INTERVAL) {
+                                let _ = tx.try_send(Ok(renewed_refusal(
+                                    "renewals are limited to one every 5s",
+                                )));
+                                continue;
+                            }
+                            last_renewal = Some(Instant::now());
+                            let (gw, device) = (gw.clone(), device.clone());
+                            // Off the read loop: the API calls must not delay heartbeats.
+                            tokio::spawn(async move {
+                                let answer = match gw.renew(&device, &r.csr_pem).await {
+                                    Ok(r) => r,
+                                    Err(why) => {
+                                        tracing::warn!(namespace = %device.0, device = %device.1, %why, "certificate renewal refused");
+                                        renewed_refusal_msg(why)
+                                    }
+                                };
+                                let _ = tx.try_send(Ok(OperatorMessage {
+                                    msg: Some(operator_message::Msg::Renewed(answer)),
+                                }));
+                            });
                         }
                         Some(agent_message::Msg::Hello(_)) | None => {}
                     },

@@ -16,7 +16,7 @@ use liveresponse_operator::context::{Context, Stores, Timing};
 use liveresponse_operator::controllers::{self, command, device, session};
 use liveresponse_operator::gateway::{Gateway, GatewayService};
 use liveresponse_operator::metrics::Metrics;
-use liveresponse_operator::pki::Ca;
+use liveresponse_operator::pki::{Ca, Rotation};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 #[derive(Parser, Debug)]
@@ -56,6 +56,22 @@ struct Args {
     /// After a start, seconds agents get to reconnect before their running commands fail.
     #[arg(long, default_value_t = 20)]
     restart_grace_seconds: u64,
+    /// Life of the device certificates the gateway signs; agents renew them over their
+    /// stream at two thirds of it (default 30 days).
+    #[arg(long, default_value_t = liveresponse_operator::pki::DEFAULT_DEVICE_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(30..))]
+    device_certificate_lifetime_seconds: u64,
+    #[command(subcommand)]
+    admin: Option<Admin>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Admin {
+    /// One step of a CA rotation (prepare, switch, finish), applied to the CA Secret in
+    /// --namespace with the current kubeconfig; restart the operator after each step.
+    Ca {
+        #[arg(value_enum)]
+        step: Rotation,
+    },
 }
 
 #[tokio::main]
@@ -69,7 +85,21 @@ async fn main() {
         .with_current_span(false)
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(e) = run(Args::parse()).await {
+    let args = Args::parse();
+    if let Some(Admin::Ca { step }) = args.admin {
+        let said =
+            async { Ca::rotate_secret(Client::try_default().await?, &args.namespace, step).await }
+                .await;
+        match said {
+            Ok(said) => println!("{said}"),
+            Err(e) => {
+                eprintln!("liveresponse-operator ca: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    if let Err(e) = run(args).await {
         tracing::error!(error = %format!("{e:#}"), "operator stopped");
         std::process::exit(1);
     }
@@ -124,7 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let ca = Arc::new(Ca::load_or_create(client.clone(), &args.namespace).await?);
     if let Some(path) = &args.ca_out {
-        std::fs::write(path, &ca.cert_pem)?;
+        std::fs::write(path, &ca.bundle_pem)?;
     }
     let serving = ca.serving_cert(&args.gateway_names)?;
     let gateway = Gateway::new(
@@ -133,10 +163,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         instance.clone(),
         Duration::from_secs(args.heartbeat_seconds.max(1)),
         metrics.clone(),
+        Duration::from_secs(args.device_certificate_lifetime_seconds),
     );
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&serving.cert_pem, &serving.key_pem))
-        .client_ca_root(Certificate::from_pem(&ca.cert_pem))
+        .client_ca_root(Certificate::from_pem(&ca.bundle_pem))
         // Enrollment happens before the agent has a certificate; Attach demands one.
         .client_auth_optional(true);
     let listener = tokio::net::TcpListener::bind(args.gateway_addr).await?;
@@ -197,6 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .default_backoff()
         .for_each(|_| async {}),
     );
+    gateway.set_settings_store(settings_store.clone());
     let settings_api = Api::<LiveResponseSettings>::all(client.clone());
     tokio::spawn(
         reflector::reflector(settings_writer, watcher(settings_api, cfg.clone()))

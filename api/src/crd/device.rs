@@ -44,6 +44,10 @@ pub struct DeviceSpec {
     /// Only a certificate with this fingerprint may connect as this device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_sha256: Option<String>,
+    /// The fingerprint before the last renewal: accepted (until that certificate expires)
+    /// so an agent that lost the renewal's answer can still connect and renew again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_certificate_sha256: Option<String>,
 }
 
 /// How an agent authenticates.

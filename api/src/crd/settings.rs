@@ -96,6 +96,13 @@ pub struct SettingsSpec {
     #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti)?$"))]
     #[x_kube(validation = Rule::new("quantity(self).isGreaterThan(quantity('0')) && quantity(self).compareTo(quantity('1Gi')) <= 0").message("maxOutputSize must be a size above 0 and at most 1Gi, such as 64Mi"))]
     pub max_output_size: String,
+    /// Life of the client certificates of devices enrolled in this namespace (30s to
+    /// 8760h). Agents renew them over their stream at two thirds of it; an agent offline
+    /// for longer must enroll again. Unset: the operator's default (30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('30s') && duration(self) <= duration('8760h')").message("deviceCertificateLifetime must be a duration between 30s and 8760h, such as 720h"))]
+    pub device_certificate_lifetime: Option<String>,
 }
 
 /// Parses a size as the settings write it (`64Mi`, `3Gi`, `1024`).
@@ -192,6 +199,7 @@ impl Default for SettingsSpec {
             offline_queue_timeout: default_offline_queue_timeout(),
             command_retention: default_command_retention(),
             max_output_size: default_max_output_size(),
+            device_certificate_lifetime: None,
         }
     }
 }

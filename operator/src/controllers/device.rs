@@ -266,26 +266,71 @@ async fn write(ctx: &Context, key: &DeviceKey, st: &DeviceStatus) -> crate::erro
 }
 
 /// Keeps the Device cache filled and closes the stream of any agent whose Device is
-/// deleted.
+/// deleted, or being deleted. After a relist (a watch that expired or an API server that
+/// restarted), deletions that happened meanwhile come as absences, not events: every
+/// connected device missing from the new list is looked up, and cut if it is gone.
 pub async fn watch(
     ctx_gateway: Arc<crate::gateway::Gateway>,
     writer: kube::runtime::reflector::store::Writer<Device>,
     client: kube::Client,
 ) {
+    let reader = writer.as_reader();
     let api: Api<Device> = Api::all(client.clone());
     let stream = kube::runtime::reflector(writer, watcher(api, watcher::Config::default()))
         .default_backoff();
     futures::pin_mut!(stream);
     while let Some(ev) = stream.next().await {
-        if let Ok(watcher::Event::Delete(d)) = ev {
-            let key = (d.namespace().unwrap_or_default(), d.name_any());
-            tracing::info!(namespace = %key.0, device = %key.1, "device deleted; revoking its agent");
-            ctx_gateway.disconnect_device(&key);
-            if let Err(e) = crate::gateway::record_revocation(client.clone(), &key.0, &key.1).await
-            {
-                tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "could not record the revocation");
+        match ev {
+            Ok(watcher::Event::Delete(d)) => {
+                revoke(&ctx_gateway, &client, key_of(&d)).await;
             }
+            Ok(watcher::Event::Apply(d)) if d.metadata.deletion_timestamp.is_some() => {
+                revoke(&ctx_gateway, &client, key_of(&d)).await;
+            }
+            Ok(watcher::Event::InitDone) => {
+                for key in unlisted(ctx_gateway.connected_devices(), &reader) {
+                    // Enrolled after the list was taken? Ask before cutting.
+                    let api: Api<Device> = Api::namespaced(client.clone(), &key.0);
+                    match api.get_opt(&key.1).await {
+                        Ok(Some(d)) if d.metadata.deletion_timestamp.is_none() => {}
+                        Ok(_) => revoke(&ctx_gateway, &client, key).await,
+                        Err(e) => {
+                            tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "could not check a connected device after a relist")
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
+    }
+}
+
+/// Connected devices that a fresh list lacks (or lists as being deleted).
+fn unlisted(
+    connected: Vec<DeviceKey>,
+    listed: &kube::runtime::reflector::Store<Device>,
+) -> Vec<DeviceKey> {
+    connected
+        .into_iter()
+        .filter(|key| {
+            listed
+                .get(&ObjectRef::new(&key.1).within(&key.0))
+                .is_none_or(|d| d.metadata.deletion_timestamp.is_some())
+        })
+        .collect()
+}
+
+fn key_of(d: &Device) -> DeviceKey {
+    (d.namespace().unwrap_or_default(), d.name_any())
+}
+
+async fn revoke(gateway: &crate::gateway::Gateway, client: &kube::Client, key: DeviceKey) {
+    if gateway.is_connected(&key) {
+        tracing::info!(namespace = %key.0, device = %key.1, "device deleted; revoking its agent");
+    }
+    gateway.disconnect_device(&key);
+    if let Err(e) = crate::gateway::record_revocation(client.clone(), &key.0, &key.1).await {
+        tracing::warn!(namespace = %key.0, device = %key.1, error = %e, "could not record the revocation");
     }
 }
 
@@ -310,6 +355,29 @@ mod tests {
             disconnected_at: None,
             duplicates_refused: 0,
         }
+    }
+
+    #[test]
+    fn a_relist_reveals_devices_deleted_while_unwatched() {
+        let device = |name: &str, deleting: bool| {
+            let mut d = Device::new(name, Default::default());
+            d.metadata.namespace = Some("t".into());
+            if deleting {
+                d.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+            }
+            d
+        };
+        let (reader, mut writer) = kube::runtime::reflector::store::<Device>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(device("kept", false)));
+        writer.apply_watcher_event(&watcher::Event::InitApply(device("going", true)));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let key = |n: &str| ("t".to_string(), n.to_string());
+        let connected = vec![key("kept"), key("going"), key("gone")];
+        assert_eq!(
+            unlisted(connected, &reader),
+            vec![key("going"), key("gone")]
+        );
     }
 
     #[test]
