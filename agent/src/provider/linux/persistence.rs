@@ -22,7 +22,7 @@ use crate::provider::{CommandResult, ExecContext, ExecError};
 
 #[derive(Serialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
-struct TaskRecord {
+pub(super) struct TaskRecord {
     /// The crontab's file name (the user for user crontabs), the script's name for
     /// cron.daily and friends, the timer's unit name.
     name: String,
@@ -145,7 +145,7 @@ fn split_words(line: &str, n: usize) -> Option<(Vec<&str>, &str)> {
 
 /// A crontab: system ones (`user` None) name the user in the sixth field, user ones are
 /// the user's. Comments and `VAR=value` lines are skipped.
-fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord> {
+pub(super) fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord> {
     let name = file_name(source).to_owned();
     let mut tasks = Vec::new();
     for (index, raw) in text.lines().enumerate() {
@@ -184,7 +184,7 @@ fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord
 }
 
 /// `period delay job-identifier command`.
-fn parse_anacrontab(text: &str, source: &str) -> Vec<TaskRecord> {
+pub(super) fn parse_anacrontab(text: &str, source: &str) -> Vec<TaskRecord> {
     let mut tasks = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -678,16 +678,16 @@ fn authorized_keys(hfs: &HostFs, homes: &[Home]) -> Vec<PersistenceRecord> {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-struct AuthorizedKey {
-    key_type: String,
+pub(super) struct AuthorizedKey {
+    pub(super) key_type: String,
     /// `SHA256:...` as `ssh-keygen -l` prints it.
-    fingerprint: Option<String>,
-    comment: Option<String>,
-    options: Option<String>,
-    forced_command: Option<String>,
+    pub(super) fingerprint: Option<String>,
+    pub(super) comment: Option<String>,
+    pub(super) options: Option<String>,
+    pub(super) forced_command: Option<String>,
 }
 
-fn is_key_type(word: &str) -> bool {
+pub(super) fn is_key_type(word: &str) -> bool {
     word.starts_with("ssh-")
         || word.starts_with("ecdsa-sha2-")
         || word.starts_with("sk-ssh-")
@@ -695,7 +695,7 @@ fn is_key_type(word: &str) -> bool {
 }
 
 /// `[options] type base64 [comment]`, where options may hold quoted spaces.
-fn parse_authorized_key(line: &str) -> Option<AuthorizedKey> {
+pub(super) fn parse_authorized_key(line: &str) -> Option<AuthorizedKey> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
@@ -767,7 +767,7 @@ fn forced_command(options: &str) -> Option<String> {
 
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
+pub(super) fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
     let mut acc = 0u32;
     let mut bits = 0u32;
@@ -783,7 +783,7 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn base64_encode_unpadded(bytes: &[u8]) -> String {
+pub(super) fn base64_encode_unpadded(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let b = [
