@@ -984,6 +984,9 @@ impl AgentGateway for GatewayService {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
