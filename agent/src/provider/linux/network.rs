@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-
 use std::path::Path;
 
 use procfs::FromBufReadSI;

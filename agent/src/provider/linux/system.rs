@@ -94,9 +94,11 @@ impl Unit {
         let mut section = String::new();
         let mut pending = String::new();
         for raw in text.lines() {
-            // A trailing backslash continues the line, as in systemd.
+            // A trailing backslash continues the line, as in systemd, which skips comment
+            // lines inside a continuation too: taking them as part of the value would let a
+            // unit show `ExecStart=/bin/sh -c #` while systemd runs the line after the comment.
             let line = raw.trim();
-            if pending.is_empty() && (line.starts_with('#') || line.starts_with(';')) {
+            if line.starts_with('#') || line.starts_with(';') {
                 continue;
             }
             if let Some(head) = line.strip_suffix('\\') {
@@ -661,6 +663,19 @@ mod tests {
         assert_eq!(unit.exec_start().as_deref(), Some("/tmp/evil"));
         assert_eq!(unit.get("Service", "User"), Some("bob"));
         assert!(!unit.has_section("Install"));
+    }
+
+    /// Found by `fuzz_unit_files_known_values`: systemd.syntax(7) ignores a comment block
+    /// after a line that ends in a backslash and continues with what follows it.
+    #[test]
+    fn comments_inside_a_continuation_are_skipped_as_systemd_does() {
+        let unit = Unit::parse(
+            "[Service]\nExecStart=/bin/sh -c \\\n# looks like the end\n; and this\n  'curl x | sh'\n",
+        );
+        assert_eq!(
+            unit.exec_start().as_deref(),
+            Some("/bin/sh -c  'curl x | sh'")
+        );
     }
 
     #[test]
