@@ -104,6 +104,12 @@ fn word() -> impl Strategy<Value = String> {
     "[a-zA-Z0-9_./*@,-]{1,12}"
 }
 
+/// An option value with the characters that matter to quoting. sshd cannot hold a value
+/// that ends in a backslash (it would escape the closing quote), so none does.
+fn option_value() -> impl Strategy<Value = String> {
+    "[a-z =,\"\\\\]{0,14}".prop_map(|v| if v.ends_with('\\') { v + "x" } else { v })
+}
+
 fn json(value: &impl serde::Serialize) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
@@ -203,6 +209,30 @@ proptest! {
         prop_assert_eq!(key.forced_command, forced);
         prop_assert_eq!(key.comment, comment);
         prop_assert!(key.fingerprint.is_some());
+    }
+
+    /// Options as sshd reads them (auth-options.c): comma-separated, values in double
+    /// quotes where only `\"` is an escape. Another option's value may hold any text,
+    /// `command="` included; the forced command is the `command` option's own value.
+    #[test]
+    fn fuzz_authorized_keys_options_as_sshd_reads_them(
+        others in vec((select(vec!["from", "environment", "principals", "no-pty", "permitopen"]), option_value()), 0..4),
+        command in option_value(),
+        at in any::<prop::sample::Index>(),
+    ) {
+        let quote = |v: &str| format!("\"{}\"", v.replace('"', "\\\""));
+        let mut options: Vec<String> = others
+            .iter()
+            .map(|(name, value)| if *name == "no-pty" { (*name).to_owned() } else { format!("{name}={}", quote(value)) })
+            .collect();
+        options.insert(at.index(options.len() + 1), format!("command={}", quote(&command)));
+        let line = format!("{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 me@host", options.join(","));
+        let Some(key) = parse_authorized_key(&line) else {
+            return Err(TestCaseError::fail(format!("{line:?} gave no key")));
+        };
+        prop_assert_eq!(key.forced_command.as_deref(), Some(command.as_str()), "{}", line);
+        prop_assert_eq!(key.key_type.as_str(), "ssh-ed25519");
+        prop_assert_eq!(key.comment.as_deref(), Some("me@host"));
     }
 
     #[test]

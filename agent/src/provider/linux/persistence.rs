@@ -730,35 +730,57 @@ fn first_word(text: &str) -> &str {
     text.split_whitespace().next().unwrap_or("")
 }
 
-/// Where the options field ends: the first whitespace outside double quotes.
+/// Where the options field ends, as sshd finds it (`sshkey_advance_past_options`): the
+/// first space or tab outside double quotes, where only `\"` is an escape.
 fn options_end(text: &str) -> usize {
     let mut quoted = false;
-    let mut escaped = false;
-    for (i, c) in text.char_indices() {
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
         match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
+            '\\' if chars.peek().is_some_and(|&(_, next)| next == '"') => {
+                chars.next();
+            }
             '"' => quoted = !quoted,
-            c if c.is_whitespace() && !quoted => return i,
+            ' ' | '\t' if !quoted => return i,
             _ => {}
         }
     }
     text.len()
 }
 
-/// The value of `command="..."` in a key's options.
+/// The value of the `command="..."` option, read as sshd reads options (auth-options.c):
+/// one after another, so that text inside another option's quoted value (an
+/// `environment="X=command=..."`) is never taken for it. A malformed list has none.
 fn forced_command(options: &str) -> Option<String> {
-    let start = options.to_ascii_lowercase().find("command=\"")? + "command=\"".len();
-    let mut value = String::new();
-    let mut escaped = false;
-    for c in options[start..].chars() {
-        match c {
-            _ if escaped => {
-                value.push(c);
-                escaped = false;
+    let mut rest = options;
+    loop {
+        let name_end = rest.find(['=', ',']).unwrap_or(rest.len());
+        let name = &rest[..name_end];
+        rest = &rest[name_end..];
+        if let Some(value) = rest.strip_prefix('=') {
+            let (value, after) = dequote(value)?;
+            if name.eq_ignore_ascii_case("command") {
+                return Some(value);
             }
-            '\\' => escaped = true,
-            '"' => return Some(value),
+            rest = after;
+        }
+        rest = rest.strip_prefix(',')?;
+    }
+}
+
+/// A double-quoted option value and what follows it; `\"` is a quote, any other
+/// backslash is itself (sshd's `opt_dequote`).
+fn dequote(text: &str) -> Option<(String, &str)> {
+    let body = text.strip_prefix('"')?;
+    let mut value = String::new();
+    let mut chars = body.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(|&(_, next)| next == '"') => {
+                chars.next();
+                value.push('"');
+            }
+            '"' => return Some((value, &body[i + 1..])),
             c => value.push(c),
         }
     }
@@ -1096,6 +1118,33 @@ mod tests {
         assert_eq!(base64_encode_unpadded(b"fooba"), "Zm9vYmE");
         assert_eq!(base64_decode("Zm9vYg==").unwrap(), b"foob");
         assert!(base64_decode("not base64!").is_none());
+    }
+
+    /// Found by `fuzz_authorized_keys_options_as_sshd_reads_them`: the forced command was
+    /// the first `command="` anywhere in the options, so another option's value could show
+    /// the analyst a command other than the one sshd forces.
+    #[test]
+    fn forced_command_is_the_command_option_not_text_in_another_value() {
+        let key = parse_authorized_key(
+            r#"environment="X=command=",command="/tmp/evil" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 x"#,
+        )
+        .unwrap();
+        assert_eq!(key.forced_command.as_deref(), Some("/tmp/evil"));
+        assert_eq!(key.key_type, "ssh-ed25519");
+    }
+
+    /// Found by the same fuzz test: sshd's only escape in an option value is `\"`; any
+    /// other backslash is kept, and `\ ` does not hide the end of the options.
+    #[test]
+    fn backslashes_in_options_are_literal_except_before_a_quote() {
+        let key = parse_authorized_key(
+            r#"command="printf \x \"a b\"" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 x"#,
+        )
+        .unwrap();
+        assert_eq!(key.forced_command.as_deref(), Some(r#"printf \x "a b""#));
+        let key = parse_authorized_key(r#"no-pty\ ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 x"#).unwrap();
+        assert_eq!(key.options.as_deref(), Some(r#"no-pty\"#));
+        assert_eq!(key.key_type, "ssh-ed25519");
     }
 
     #[test]
