@@ -144,11 +144,14 @@ proptest! {
         schedule in prop_oneof![vec(word(), 5).prop_map(|w| w.join(" ")), Just("@reboot".to_owned())],
         user in word(),
         command in "[a-z/][ a-z0-9/|>&.$-]{0,30}",
+        env in ("[A-Z_]{1,8}", select(vec!["=", " = ", " =", "= ", "\t=\t"]), "[a-z0-9@ *]{0,20}"),
     ) {
         // Only the @ shorthands are one word.
         prop_assume!(schedule == "@reboot" || !schedule.starts_with('@'));
         let command = command.trim_end().to_owned();
-        let text = format!("SHELL=/bin/sh\n# a comment\n{schedule} {user} {command}\n");
+        // cron takes `NAME = value` for a variable whatever the value looks like.
+        let (name, equals, value) = env;
+        let text = format!("{name}{equals}{value}\n# a comment\n{schedule} {user} {command}\n");
         let tasks = parse_crontab(&text, "/etc/cron.d/job", None);
         prop_assert_eq!(tasks.len(), 1, "{:?}", text);
         let task = json(&tasks[0]);

@@ -143,6 +143,15 @@ fn split_words(line: &str, n: usize) -> Option<(Vec<&str>, &str)> {
     Some((words, rest))
 }
 
+/// `NAME=value`, with blanks allowed around the `=` (cron's `load_env`): a variable, not a
+/// job, whatever the value looks like.
+fn is_variable(line: &str) -> bool {
+    let name_end = line
+        .find(|c: char| c == '=' || c.is_whitespace())
+        .unwrap_or(line.len());
+    name_end > 0 && line[name_end..].trim_start().starts_with('=')
+}
+
 /// A crontab: system ones (`user` None) name the user in the sixth field, user ones are
 /// the user's. Comments and `VAR=value` lines are skipped.
 pub(super) fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord> {
@@ -155,13 +164,12 @@ pub(super) fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec
         }
         let schedule_words = if line.starts_with('@') { 1 } else { 5 };
         let user_words = usize::from(user.is_none());
+        if is_variable(line) {
+            continue;
+        }
         let Some((words, command)) = split_words(line, schedule_words + user_words) else {
             continue;
         };
-        // An environment assignment, not a job.
-        if words[0].contains('=') {
-            continue;
-        }
         if command.is_empty() {
             continue;
         }
@@ -191,10 +199,13 @@ pub(super) fn parse_anacrontab(text: &str, source: &str) -> Vec<TaskRecord> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        if is_variable(line) {
+            continue;
+        }
         let Some((words, command)) = split_words(line, 3) else {
             continue;
         };
-        if words[0].contains('=') || command.is_empty() {
+        if command.is_empty() {
             continue;
         }
         let period = words[0];
@@ -1145,6 +1156,17 @@ mod tests {
         let key = parse_authorized_key(r#"no-pty\ ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 x"#).unwrap();
         assert_eq!(key.options.as_deref(), Some(r#"no-pty\"#));
         assert_eq!(key.key_type, "ssh-ed25519");
+    }
+
+    /// Found by `fuzz_crontab_known_jobs`: `MAILTO = root` (blanks around the `=`) is a
+    /// variable to cron, and was listed as a job.
+    #[test]
+    fn variables_with_blanks_around_the_equals_are_not_jobs() {
+        let text = "MAILTO = root@example.org * * * *\nPATH\t=\t/bin\n* * * * * root /bin/true\n";
+        let tasks = parse_crontab(text, "/etc/crontab", None);
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].command.as_deref(), Some("/bin/true"));
+        assert!(parse_anacrontab("RANDOM_DELAY = 45 x y z\n", "/etc/anacrontab").is_empty());
     }
 
     #[test]
