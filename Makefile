@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := e2e/cluster.sh
 
-.PHONY: demo-check all build crds check-crds fmt lint unit e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs
+.PHONY: demo-check all build crds check-crds fmt lint unit fuzz e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs
 
 all: build
 
@@ -31,8 +31,17 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## Unit tests; they include the fuzz tests at LR_FUZZ_CASES cases each (a small default).
 unit:
 	$(CARGO) test --workspace --exclude liveresponse-e2e
+
+FUZZ_CASES ?= 200000
+
+## Only the fuzz tests (lexer and parser, agent messages at the gateway, the agent's parsers
+## of host files), FUZZ_CASES cases each, optimised. Failures are kept in *.regressions files
+## next to the tests and replayed first.
+fuzz:
+	LR_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p liveresponse-api -p liveresponse-agent -p liveresponse-operator --lib fuzz::
 
 ## Builds (once) the control plane from Go modules, then runs the end-to-end tests, which
 ## bring it up and down themselves.

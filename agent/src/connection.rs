@@ -224,7 +224,8 @@ fn classify(s: tonic::Status) -> Ended {
 
 /// Facts about this host for the hello.
 pub fn hello(executor: &Executor, host_root: &std::path::Path) -> Hello {
-    let hostname = std::fs::read_to_string(host_root.join("etc/hostname"))
+    // The host's file may be anything; the kernel's name is at most 64 bytes.
+    let hostname = crate::provider::linux::read_small_host_file(host_root, "/etc/hostname", 4096)
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .map(|s| s.trim().to_string())

@@ -1107,6 +1107,9 @@ impl AgentGateway for GatewayService {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -54,6 +54,8 @@ pub use registry::{
 };
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

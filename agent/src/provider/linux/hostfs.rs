@@ -389,37 +389,44 @@ pub(crate) struct Accounts {
 
 impl Accounts {
     pub(crate) fn load(hfs: &HostFs) -> Self {
+        let passwd = hfs
+            .read_capped("/etc/passwd", ACCOUNTS_CAP)
+            .unwrap_or_default();
+        let group = hfs
+            .read_capped("/etc/group", ACCOUNTS_CAP)
+            .unwrap_or_default();
+        Accounts::parse(&passwd, &group)
+    }
+
+    /// The accounts of passwd and group texts; lines that are not entries are skipped.
+    pub(crate) fn parse(passwd: &str, group: &str) -> Self {
         let mut accounts = Accounts::default();
-        if let Ok(passwd) = hfs.read_capped("/etc/passwd", ACCOUNTS_CAP) {
-            for line in passwd.lines() {
-                let fields: Vec<&str> = line.split(':').collect();
-                if fields.len() < 7 || line.starts_with('#') {
-                    continue;
-                }
-                if let Ok(uid) = fields[2].parse::<u32>() {
-                    // getpwuid answers with the first entry of a uid.
-                    accounts
-                        .users
-                        .entry(uid)
-                        .or_insert_with(|| fields[0].to_owned());
-                }
-                accounts
-                    .homes
-                    .push((fields[0].to_owned(), fields[5].to_owned()));
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() < 7 || line.starts_with('#') {
+                continue;
             }
+            if let Ok(uid) = fields[2].parse::<u32>() {
+                // getpwuid answers with the first entry of a uid.
+                accounts
+                    .users
+                    .entry(uid)
+                    .or_insert_with(|| fields[0].to_owned());
+            }
+            accounts
+                .homes
+                .push((fields[0].to_owned(), fields[5].to_owned()));
         }
-        if let Ok(group) = hfs.read_capped("/etc/group", ACCOUNTS_CAP) {
-            for line in group.lines() {
-                let fields: Vec<&str> = line.split(':').collect();
-                if fields.len() < 3 || line.starts_with('#') {
-                    continue;
-                }
-                if let Ok(gid) = fields[2].parse::<u32>() {
-                    accounts
-                        .groups
-                        .entry(gid)
-                        .or_insert_with(|| fields[0].to_owned());
-                }
+        for line in group.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() < 3 || line.starts_with('#') {
+                continue;
+            }
+            if let Ok(gid) = fields[2].parse::<u32>() {
+                accounts
+                    .groups
+                    .entry(gid)
+                    .or_insert_with(|| fields[0].to_owned());
             }
         }
         accounts
@@ -770,6 +777,28 @@ fn read_some(file: &mut fs::File, buf: &mut [u8], device: &str) -> Result<usize,
     }
 }
 
+/// The first `cap` bytes of a kernel file of the agent's own /proc whose length a process
+/// controls (/proc/PID/cmdline, environ), and whether there was more. Unlike
+/// [`read_bounded`] it keeps what fits: the start of a huge command line is still evidence.
+pub(crate) fn read_prefix(path: &Path, cap: usize) -> io::Result<(Vec<u8>, bool)> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    // One byte past the cap tells a cut from a file of exactly `cap` bytes.
+    file.take(cap as u64 + 1).read_to_end(&mut bytes)?;
+    let cut = bytes.len() > cap;
+    bytes.truncate(cap);
+    Ok((bytes, cut))
+}
+
+/// Reads a small host file such as /etc/hostname (links resolved within `root`), at most
+/// `cap` bytes: the hello must not stall on a FIFO or swallow a huge file planted there.
+pub(crate) fn read_small_host_file(root: &Path, device: &str, cap: u64) -> io::Result<String> {
+    HostFs::at(root).read_capped(device, cap)
+}
+
 /// "30.0 GiB", "4 MiB": sizes in messages.
 pub(crate) fn human_size(bytes: u64) -> String {
     const UNITS: &[&str] = &["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -959,6 +988,31 @@ mod tests {
         let (mut file, meta) = open_regular(Path::new("/"), "/proc/self/status", false).unwrap();
         let err = read_bounded(&mut file, &meta, 16, "/proc/self/status", None).unwrap_err();
         assert!(matches!(err, ReadError::Refused(ref m) if m.contains("more than the 16 bytes")));
+    }
+
+    #[test]
+    fn read_prefix_keeps_the_start_and_says_when_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"abcdef").unwrap();
+        assert_eq!(read_prefix(&path, 4).unwrap(), (b"abcd".to_vec(), true));
+        assert_eq!(read_prefix(&path, 6).unwrap(), (b"abcdef".to_vec(), false));
+        // A kernel file whose size says 0 is read as far as the cap too.
+        let (cmdline, cut) = read_prefix(Path::new("/proc/self/cmdline"), 1 << 20).unwrap();
+        assert!(!cmdline.is_empty() && !cut);
+    }
+
+    #[test]
+    fn hostname_file_is_read_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("etc")).unwrap();
+        fs::write(dir.path().join("etc/hostname"), "node-1\n").unwrap();
+        assert_eq!(
+            read_small_host_file(dir.path(), "/etc/hostname", 64).unwrap(),
+            "node-1\n"
+        );
+        fs::write(dir.path().join("etc/hostname"), "x".repeat(100)).unwrap();
+        assert!(read_small_host_file(dir.path(), "/etc/hostname", 64).is_err());
     }
 
     #[test]

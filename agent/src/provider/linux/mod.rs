@@ -17,6 +17,11 @@ mod persistence;
 mod processes;
 mod system;
 
+#[cfg(test)]
+mod fuzz;
+
+pub(crate) use hostfs::read_small_host_file;
+
 /// The device commands this provider implements so far, all with `Handler::Provider` in
 /// the registry (a test checks it); the registry says who answers the others.
 const COMMANDS: &[&str] = &[

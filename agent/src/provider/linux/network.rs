@@ -5,11 +5,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 
-use procfs::net::{TcpState, UdpState};
+use procfs::FromBufReadSI;
+use procfs::net::{TcpNetEntries, TcpState, UdpNetEntries, UdpState};
 use serde::Serialize;
 
 use super::hostfs::{Accounts, HostFs};
+use super::system::read_proc_bytes;
 use super::to_records;
 use crate::provider::{CommandResult, ExecContext, ExecError};
 
@@ -32,13 +35,13 @@ struct ConnectionRecord {
     inode: u64,
 }
 
-struct Socket {
-    protocol: &'static str,
-    local: SocketAddr,
-    remote: SocketAddr,
-    state: &'static str,
-    uid: u32,
-    inode: u64,
+pub(super) struct Socket {
+    pub(super) protocol: &'static str,
+    pub(super) local: SocketAddr,
+    pub(super) remote: SocketAddr,
+    pub(super) state: &'static str,
+    pub(super) uid: u32,
+    pub(super) inode: u64,
 }
 
 pub(super) fn connections(ctx: &ExecContext) -> Result<CommandResult, ExecError> {
@@ -46,10 +49,10 @@ pub(super) fn connections(ctx: &ExecContext) -> Result<CommandResult, ExecError>
     let mut warnings = Vec::new();
     let mut readable = 0;
     for (protocol, table) in [
-        ("tcp", tcp(procfs::net::tcp())),
-        ("tcp6", tcp(procfs::net::tcp6())),
-        ("udp", udp(procfs::net::udp())),
-        ("udp6", udp(procfs::net::udp6())),
+        ("tcp", read_table(ctx, "tcp").and_then(|t| parse_tcp(&t))),
+        ("tcp6", read_table(ctx, "tcp6").and_then(|t| parse_tcp(&t))),
+        ("udp", read_table(ctx, "udp").and_then(|t| parse_udp(&t))),
+        ("udp6", read_table(ctx, "udp6").and_then(|t| parse_udp(&t))),
     ] {
         match table {
             Ok(entries) => {
@@ -120,8 +123,22 @@ pub(super) fn connections(ctx: &ExecContext) -> Result<CommandResult, ExecError>
     Ok(result)
 }
 
-fn tcp(table: procfs::ProcResult<Vec<procfs::net::TcpNetEntry>>) -> Result<Vec<Socket>, String> {
-    let entries = table.map_err(|e| e.to_string())?;
+/// A socket table is about 150 bytes a socket: this is some 400 000 sockets, far more than
+/// a host has, and it bounds what a flood of sockets can make the agent hold.
+const TABLE_CAP: u64 = 64 << 20;
+
+/// Reads `/proc/<agent pid>/net/<table>` (what `/proc/net` links to, named without links so
+/// the link-refusing reader takes it), bounded; procfs's own reader has no limit.
+fn read_table(ctx: &ExecContext, table: &str) -> Result<Vec<u8>, String> {
+    let path = format!("/proc/{}/net/{table}", std::process::id());
+    read_proc_bytes(ctx, Path::new(&path), TABLE_CAP).map_err(|e| e.to_string())
+}
+
+/// procfs's parser of a table's text, the same as `procfs::net::tcp()` ran.
+pub(super) fn parse_tcp(table: &[u8]) -> Result<Vec<Socket>, String> {
+    let entries = TcpNetEntries::from_buf_read(table, procfs::current_system_info())
+        .map_err(|e| e.to_string())?
+        .0;
     Ok(entries
         .into_iter()
         .map(|e| Socket {
@@ -135,8 +152,10 @@ fn tcp(table: procfs::ProcResult<Vec<procfs::net::TcpNetEntry>>) -> Result<Vec<S
         .collect())
 }
 
-fn udp(table: procfs::ProcResult<Vec<procfs::net::UdpNetEntry>>) -> Result<Vec<Socket>, String> {
-    let entries = table.map_err(|e| e.to_string())?;
+pub(super) fn parse_udp(table: &[u8]) -> Result<Vec<Socket>, String> {
+    let entries = UdpNetEntries::from_buf_read(table, procfs::current_system_info())
+        .map_err(|e| e.to_string())?
+        .0;
     Ok(entries
         .into_iter()
         .map(|e| Socket {
@@ -189,6 +208,7 @@ fn socket_owners(ctx: &ExecContext) -> Result<HashMap<u64, Owner>, ExecError> {
         let Ok(fds) = process.fd() else { continue };
         let pid = u32::try_from(process.pid()).unwrap_or_default();
         let mut name = None;
+        // The fd directory and stat (its comm is at most 16 bytes) have kernel-bounded sizes.
         for fd in fds.flatten() {
             if let procfs::process::FDTarget::Socket(inode) = fd.target {
                 let name = name

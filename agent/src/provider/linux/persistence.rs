@@ -22,7 +22,7 @@ use crate::provider::{CommandResult, ExecContext, ExecError};
 
 #[derive(Serialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
-struct TaskRecord {
+pub(super) struct TaskRecord {
     /// The crontab's file name (the user for user crontabs), the script's name for
     /// cron.daily and friends, the timer's unit name.
     name: String,
@@ -143,9 +143,18 @@ fn split_words(line: &str, n: usize) -> Option<(Vec<&str>, &str)> {
     Some((words, rest))
 }
 
+/// `NAME=value`, with blanks allowed around the `=` (cron's `load_env`): a variable, not a
+/// job, whatever the value looks like.
+fn is_variable(line: &str) -> bool {
+    let name_end = line
+        .find(|c: char| c == '=' || c.is_whitespace())
+        .unwrap_or(line.len());
+    name_end > 0 && line[name_end..].trim_start().starts_with('=')
+}
+
 /// A crontab: system ones (`user` None) name the user in the sixth field, user ones are
 /// the user's. Comments and `VAR=value` lines are skipped.
-fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord> {
+pub(super) fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord> {
     let name = file_name(source).to_owned();
     let mut tasks = Vec::new();
     for (index, raw) in text.lines().enumerate() {
@@ -155,13 +164,12 @@ fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord
         }
         let schedule_words = if line.starts_with('@') { 1 } else { 5 };
         let user_words = usize::from(user.is_none());
+        if is_variable(line) {
+            continue;
+        }
         let Some((words, command)) = split_words(line, schedule_words + user_words) else {
             continue;
         };
-        // An environment assignment, not a job.
-        if words[0].contains('=') {
-            continue;
-        }
         if command.is_empty() {
             continue;
         }
@@ -184,17 +192,20 @@ fn parse_crontab(text: &str, source: &str, user: Option<&str>) -> Vec<TaskRecord
 }
 
 /// `period delay job-identifier command`.
-fn parse_anacrontab(text: &str, source: &str) -> Vec<TaskRecord> {
+pub(super) fn parse_anacrontab(text: &str, source: &str) -> Vec<TaskRecord> {
     let mut tasks = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        if is_variable(line) {
+            continue;
+        }
         let Some((words, command)) = split_words(line, 3) else {
             continue;
         };
-        if words[0].contains('=') || command.is_empty() {
+        if command.is_empty() {
             continue;
         }
         let period = words[0];
@@ -678,16 +689,16 @@ fn authorized_keys(hfs: &HostFs, homes: &[Home]) -> Vec<PersistenceRecord> {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-struct AuthorizedKey {
-    key_type: String,
+pub(super) struct AuthorizedKey {
+    pub(super) key_type: String,
     /// `SHA256:...` as `ssh-keygen -l` prints it.
-    fingerprint: Option<String>,
-    comment: Option<String>,
-    options: Option<String>,
-    forced_command: Option<String>,
+    pub(super) fingerprint: Option<String>,
+    pub(super) comment: Option<String>,
+    pub(super) options: Option<String>,
+    pub(super) forced_command: Option<String>,
 }
 
-fn is_key_type(word: &str) -> bool {
+pub(super) fn is_key_type(word: &str) -> bool {
     word.starts_with("ssh-")
         || word.starts_with("ecdsa-sha2-")
         || word.starts_with("sk-ssh-")
@@ -695,7 +706,7 @@ fn is_key_type(word: &str) -> bool {
 }
 
 /// `[options] type base64 [comment]`, where options may hold quoted spaces.
-fn parse_authorized_key(line: &str) -> Option<AuthorizedKey> {
+pub(super) fn parse_authorized_key(line: &str) -> Option<AuthorizedKey> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
@@ -730,35 +741,57 @@ fn first_word(text: &str) -> &str {
     text.split_whitespace().next().unwrap_or("")
 }
 
-/// Where the options field ends: the first whitespace outside double quotes.
+/// Where the options field ends, as sshd finds it (`sshkey_advance_past_options`): the
+/// first space or tab outside double quotes, where only `\"` is an escape.
 fn options_end(text: &str) -> usize {
     let mut quoted = false;
-    let mut escaped = false;
-    for (i, c) in text.char_indices() {
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
         match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
+            '\\' if chars.peek().is_some_and(|&(_, next)| next == '"') => {
+                chars.next();
+            }
             '"' => quoted = !quoted,
-            c if c.is_whitespace() && !quoted => return i,
+            ' ' | '\t' if !quoted => return i,
             _ => {}
         }
     }
     text.len()
 }
 
-/// The value of `command="..."` in a key's options.
+/// The value of the `command="..."` option, read as sshd reads options (auth-options.c):
+/// one after another, so that text inside another option's quoted value (an
+/// `environment="X=command=..."`) is never taken for it. A malformed list has none.
 fn forced_command(options: &str) -> Option<String> {
-    let start = options.to_ascii_lowercase().find("command=\"")? + "command=\"".len();
-    let mut value = String::new();
-    let mut escaped = false;
-    for c in options[start..].chars() {
-        match c {
-            _ if escaped => {
-                value.push(c);
-                escaped = false;
+    let mut rest = options;
+    loop {
+        let name_end = rest.find(['=', ',']).unwrap_or(rest.len());
+        let name = &rest[..name_end];
+        rest = &rest[name_end..];
+        if let Some(value) = rest.strip_prefix('=') {
+            let (value, after) = dequote(value)?;
+            if name.eq_ignore_ascii_case("command") {
+                return Some(value);
             }
-            '\\' => escaped = true,
-            '"' => return Some(value),
+            rest = after;
+        }
+        rest = rest.strip_prefix(',')?;
+    }
+}
+
+/// A double-quoted option value and what follows it; `\"` is a quote, any other
+/// backslash is itself (sshd's `opt_dequote`).
+fn dequote(text: &str) -> Option<(String, &str)> {
+    let body = text.strip_prefix('"')?;
+    let mut value = String::new();
+    let mut chars = body.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(|&(_, next)| next == '"') => {
+                chars.next();
+                value.push('"');
+            }
+            '"' => return Some((value, &body[i + 1..])),
             c => value.push(c),
         }
     }
@@ -767,7 +800,7 @@ fn forced_command(options: &str) -> Option<String> {
 
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
+pub(super) fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
     let mut acc = 0u32;
     let mut bits = 0u32;
@@ -783,7 +816,7 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn base64_encode_unpadded(bytes: &[u8]) -> String {
+pub(super) fn base64_encode_unpadded(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let b = [
@@ -1096,6 +1129,44 @@ mod tests {
         assert_eq!(base64_encode_unpadded(b"fooba"), "Zm9vYmE");
         assert_eq!(base64_decode("Zm9vYg==").unwrap(), b"foob");
         assert!(base64_decode("not base64!").is_none());
+    }
+
+    /// Found by `fuzz_authorized_keys_options_as_sshd_reads_them`: the forced command was
+    /// the first `command="` anywhere in the options, so another option's value could show
+    /// the analyst a command other than the one sshd forces.
+    #[test]
+    fn forced_command_is_the_command_option_not_text_in_another_value() {
+        let key = parse_authorized_key(
+            r#"environment="X=command=",command="/tmp/evil" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 x"#,
+        )
+        .unwrap();
+        assert_eq!(key.forced_command.as_deref(), Some("/tmp/evil"));
+        assert_eq!(key.key_type, "ssh-ed25519");
+    }
+
+    /// Found by the same fuzz test: sshd's only escape in an option value is `\"`; any
+    /// other backslash is kept, and `\ ` does not hide the end of the options.
+    #[test]
+    fn backslashes_in_options_are_literal_except_before_a_quote() {
+        let key = parse_authorized_key(
+            r#"command="printf \x \"a b\"" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 x"#,
+        )
+        .unwrap();
+        assert_eq!(key.forced_command.as_deref(), Some(r#"printf \x "a b""#));
+        let key = parse_authorized_key(r#"no-pty\ ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 x"#).unwrap();
+        assert_eq!(key.options.as_deref(), Some(r#"no-pty\"#));
+        assert_eq!(key.key_type, "ssh-ed25519");
+    }
+
+    /// Found by `fuzz_crontab_known_jobs`: `MAILTO = root` (blanks around the `=`) is a
+    /// variable to cron, and was listed as a job.
+    #[test]
+    fn variables_with_blanks_around_the_equals_are_not_jobs() {
+        let text = "MAILTO = root@example.org * * * *\nPATH\t=\t/bin\n* * * * * root /bin/true\n";
+        let tasks = parse_crontab(text, "/etc/crontab", None);
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].command.as_deref(), Some("/bin/true"));
+        assert!(parse_anacrontab("RANDOM_DELAY = 45 x y z\n", "/etc/anacrontab").is_empty());
     }
 
     #[test]

