@@ -346,7 +346,7 @@ pub fn device_identity(der: &[u8]) -> Result<(String, String)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn csr() -> (String, KeyPair) {

@@ -58,6 +58,7 @@ fn fixture(limit: u64) -> Fixture {
         "test".into(),
         Duration::from_secs(5),
         crate::metrics::Metrics::new(),
+        crate::pki::DEFAULT_DEVICE_LIFETIME,
     );
     let mut rxs = Vec::new();
     for (device, uid) in [(DEVICE, OURS), (OTHER, THEIRS)] {
@@ -231,6 +232,16 @@ proptest! {
             match msg.msg {
                 Some(agent_message::Msg::Hello(h)) => check_hello(&bounded_hello(h))?,
                 Some(agent_message::Msg::Heartbeat(_)) => gw.seen(&device),
+                // Whatever the CSR, signing answers without panicking; the identity is the
+                // stream's, never the CSR's.
+                Some(agent_message::Msg::Renew(r)) => {
+                    if let Ok((pem, _)) =
+                        gw.ca.sign_device(&r.csr_pem, &device.0, &device.1, Duration::from_secs(60))
+                    {
+                        let der = crate::pki::tests::pem_to_der(&pem);
+                        prop_assert_eq!(crate::pki::device_identity(&der).ok(), Some(device.clone()));
+                    }
+                }
                 Some(agent_message::Msg::Event(ev)) => {
                     let uid = ev.command_uid.clone();
                     let ours_in_flight = gw.inflight(OURS).is_some();
