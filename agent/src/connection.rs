@@ -116,7 +116,8 @@ impl Connector {
                         Ok((key, csr_pem)) => {
                             pending_key = Some(key);
                             tracing::info!("asking the gateway to renew this agent's certificate");
-                            let ask = AgentMessage { msg: Some(agent_message::Msg::Renew(RenewRequest { csr_pem })) };
+                            let held_sha256 = self.files.held_sha256().unwrap_or_default();
+                            let ask = AgentMessage { msg: Some(agent_message::Msg::Renew(RenewRequest { csr_pem, held_sha256 })) };
                             if tx.send(ask).await.is_err() {
                                 break Ended::Retry(anyhow!("stream closed"));
                             }

@@ -59,6 +59,16 @@ impl Identityfiles {
             .identity(Identity::from_pem(cert, read(self.key())?)))
     }
 
+    /// SHA-256 of the certificate held now (of its DER, as the Device records it).
+    pub fn held_sha256(&self) -> Result<String> {
+        use sha2::Digest;
+        let pem = std::fs::read(self.cert())?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| {
+            anyhow::anyhow!("{} is not a PEM certificate: {e}", self.cert().display())
+        })?;
+        Ok(hex::encode(sha2::Sha256::digest(&pem.contents)))
+    }
+
     /// Keeps a renewed key and certificate for the next connection.
     pub fn store_renewal(&self, key_pem: &str, cert_pem: &str) -> Result<()> {
         if !cert_pem.contains(CERT_BEGIN) || key_pem.contains(CERT_BEGIN) {

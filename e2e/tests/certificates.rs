@@ -152,9 +152,11 @@ pub async fn deleting_a_device_cuts_its_stream(env: &'static Env) -> Result<()> 
     stack.start_agent(ns, device, &root, &[])?;
     stack.wait_device(ns, device, true, T)?;
     let pid = stack.agent_pid(ns, device).context("the agent runs")?;
+    // From before the delete: kubectl returns once the Device is gone, and the cut may
+    // already have happened by then.
+    let deleted = Instant::now();
     env.cluster
         .kubectl_ok("admin", &["-n", ns, "delete", "lrdev", device], None)?;
-    let deleted = Instant::now();
     while stack.agent_pid(ns, device).is_some() && deleted.elapsed() < T {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

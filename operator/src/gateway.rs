@@ -15,8 +15,8 @@ use liveresponse_api::crd::{Command, Device, DeviceSpec, Enrollment, LiveRespons
 use liveresponse_api::proto::agent_gateway_server::AgentGateway;
 use liveresponse_api::proto::{
     AgentMessage, Cancel, CancelReason, EnrollRequest, EnrollResponse, Execute, Hello,
-    OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, Renewed, Welcome, agent_message,
-    command_event, operator_message,
+    OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, RenewRequest, Renewed, Welcome,
+    agent_message, command_event, operator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -750,9 +750,17 @@ impl Gateway {
     }
 
     /// Signs a new certificate for a connected device and records its fingerprint, keeping
-    /// the one before as `previousCertificateSha256` so an agent that never got the answer
-    /// can still connect with its current certificate and renew again.
-    async fn renew(&self, device: &DeviceKey, csr_pem: &str) -> Result<Renewed, String> {
+    /// the one the agent holds as `previousCertificateSha256`, so an agent that never gets
+    /// the answer can still connect with it and renew again. The agent names what it holds;
+    /// only a fingerprint already accepted for this device (recorded, or the stream's own,
+    /// `stream_fp`) is believed, else the recorded current one is kept.
+    async fn renew(
+        &self,
+        device: &DeviceKey,
+        stream_fp: &str,
+        req: &RenewRequest,
+    ) -> Result<Renewed, String> {
+        let csr_pem = &req.csr_pem;
         let (ns, name) = device;
         let (cert_pem, fp) = self
             .ca
@@ -766,12 +774,13 @@ impl Gateway {
         if dev.metadata.deletion_timestamp.is_some() {
             return Err("the Device is being deleted".into());
         }
+        let previous = kept_fingerprint(&req.held_sha256, &dev.spec, stream_fp);
         // The resourceVersion makes this a compare-and-swap with enrollment and deletion.
         let patch = serde_json::json!({
             "metadata": { "resourceVersion": dev.metadata.resource_version },
             "spec": {
                 "certificateSha256": fp,
-                "previousCertificateSha256": dev.spec.certificate_sha256,
+                "previousCertificateSha256": previous,
             },
         });
         devices
@@ -795,7 +804,7 @@ impl Gateway {
     async fn authenticate(
         &self,
         certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
-    ) -> Result<(DeviceKey, Duration), Status> {
+    ) -> Result<(DeviceKey, String, Duration), Status> {
         let certs = certs.ok_or_else(|| {
             Status::unauthenticated(
                 "a client certificate is required: enroll this agent first (--bootstrap-token)",
@@ -806,7 +815,8 @@ impl Gateway {
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let (ns, name) = pki::device_identity(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let fp = Some(pki::fingerprint(leaf.as_ref()));
+        let held = pki::fingerprint(leaf.as_ref());
+        let fp = Some(held.clone());
         let renew = pki::renew_after(leaf.as_ref(), jiff::Timestamp::now())
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let devices: Api<Device> = Api::namespaced(self.client.clone(), &ns);
@@ -817,12 +827,25 @@ impl Gateway {
                     && (d.spec.certificate_sha256 == fp
                         || d.spec.previous_certificate_sha256 == fp) =>
             {
-                Ok(((ns, name), renew))
+                Ok(((ns, name), held, renew))
             }
             _ => Err(Status::permission_denied(format!(
                 "the certificate for device {name} in {ns} is revoked (the Device was deleted or re-enrolled); enroll again"
             ))),
         }
+    }
+}
+
+/// The fingerprint to keep accepting after a renewal: the one the agent says it holds, if
+/// that is already accepted for the device; else the recorded current one.
+fn kept_fingerprint(claimed: &str, spec: &DeviceSpec, stream_fp: &str) -> Option<String> {
+    let accepted = spec.certificate_sha256.as_deref() == Some(claimed)
+        || spec.previous_certificate_sha256.as_deref() == Some(claimed)
+        || stream_fp == claimed;
+    if accepted {
+        Some(claimed.to_string())
+    } else {
+        spec.certificate_sha256.clone()
     }
 }
 
@@ -1001,7 +1024,7 @@ impl AgentGateway for GatewayService {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let gw = self.0.clone();
-        let (device, renew_after) = gw.authenticate(req.peer_certs()).await?;
+        let (device, held, renew_after) = gw.authenticate(req.peer_certs()).await?;
         let mut inbound = req.into_inner();
         // The first message must be the agent's hello, promptly.
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
@@ -1080,10 +1103,10 @@ impl AgentGateway for GatewayService {
                                 continue;
                             }
                             last_renewal = Some(Instant::now());
-                            let (gw, device) = (gw.clone(), device.clone());
+                            let (gw, device, held) = (gw.clone(), device.clone(), held.clone());
                             // Off the read loop: the API calls must not delay heartbeats.
                             tokio::spawn(async move {
-                                let answer = match gw.renew(&device, &r.csr_pem).await {
+                                let answer = match gw.renew(&device, &held, &r).await {
                                     Ok(r) => r,
                                     Err(why) => {
                                         tracing::warn!(namespace = %device.0, device = %device.1, %why, "certificate renewal refused");
@@ -1175,6 +1198,35 @@ mod tests {
         assert!(e.contains("web-*"), "{e}");
         let bad = token(&[("token", "t"), ("expiration", "tomorrow")], None);
         assert!(check_token(&bad, "web-1", now).is_err());
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_certificate_the_agent_holds_if_it_was_accepted() {
+        let spec = DeviceSpec {
+            certificate_sha256: Some("cur".into()),
+            previous_certificate_sha256: Some("prev".into()),
+            ..Default::default()
+        };
+        // Stored the last renewal: it holds the current one.
+        assert_eq!(
+            kept_fingerprint("cur", &spec, "cur").as_deref(),
+            Some("cur")
+        );
+        // Lost the last answer and came back with the previous one.
+        assert_eq!(
+            kept_fingerprint("prev", &spec, "prev").as_deref(),
+            Some("prev")
+        );
+        // A long-lived stream opened with a certificate renewed twice since.
+        assert_eq!(
+            kept_fingerprint("old", &spec, "old").as_deref(),
+            Some("old")
+        );
+        // A made-up fingerprint is not believed.
+        assert_eq!(
+            kept_fingerprint("forged", &spec, "cur").as_deref(),
+            Some("cur")
+        );
     }
 
     #[test]
