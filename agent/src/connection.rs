@@ -223,6 +223,28 @@ fn classify(s: tonic::Status) -> Ended {
     }
 }
 
+/// The host's OS name from its os-release under `host_root` (in a DaemonSet the agent's
+/// own /etc is the container image's, not the host's), read bounded.
+fn host_os_version(host_root: &std::path::Path) -> Option<String> {
+    ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|f| crate::provider::linux::read_small_host_file(host_root, f, 64 << 10).ok())
+        .and_then(|text| pretty_name(&text))
+}
+
+/// `PRETTY_NAME` of an os-release file, unquoted.
+fn pretty_name(os_release: &str) -> Option<String> {
+    os_release.lines().find_map(|l| {
+        let value = l.trim().strip_prefix("PRETTY_NAME=")?.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value);
+        (!value.is_empty()).then(|| value.replace("\\\"", "\""))
+    })
+}
+
 /// Facts about this host for the hello.
 pub fn hello(executor: &Executor, host_root: &std::path::Path) -> Hello {
     // The host's file may be anything; the kernel's name is at most 64 bytes.
@@ -235,9 +257,40 @@ pub fn hello(executor: &Executor, host_root: &std::path::Path) -> Hello {
         protocol_version: PROTOCOL_VERSION,
         hostname,
         os: executor.os().to_string(),
-        os_version: sysinfo::System::long_os_version().unwrap_or_default(),
+        os_version: host_os_version(host_root)
+            .or_else(|| sysinfo::System::long_os_version().ok())
+            .unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         capabilities: executor.capabilities(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_os_version_is_the_hosts_pretty_name() {
+        let text = "NAME=\"Debian GNU/Linux\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\n";
+        assert_eq!(
+            pretty_name(text).as_deref(),
+            Some("Debian GNU/Linux 12 (bookworm)")
+        );
+        assert_eq!(pretty_name("PRETTY_NAME=Alpine").as_deref(), Some("Alpine"));
+        assert_eq!(
+            pretty_name("PRETTY_NAME='Arch Linux'").as_deref(),
+            Some("Arch Linux")
+        );
+        assert_eq!(pretty_name("PRETTY_NAME=\"\"\nID=x"), None);
+        assert_eq!(pretty_name("ID=x"), None);
+        let root = tempfile::tempdir().expect("root");
+        std::fs::create_dir_all(root.path().join("usr/lib")).expect("dir");
+        std::fs::write(
+            root.path().join("usr/lib/os-release"),
+            "PRETTY_NAME=\"Host OS 1\"\n",
+        )
+        .expect("write");
+        assert_eq!(host_os_version(root.path()).as_deref(), Some("Host OS 1"));
     }
 }

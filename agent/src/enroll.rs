@@ -90,8 +90,8 @@ impl Identityfiles {
             std::fs::remove_file(self.renewal())?;
             return Ok(());
         };
-        write_atomic(&self.key(), text[..at].as_bytes())?;
-        write_atomic(&self.cert(), text[at..].as_bytes())?;
+        write_atomic(&self.key(), &text.as_bytes()[..at])?;
+        write_atomic(&self.cert(), &text.as_bytes()[at..])?;
         std::fs::remove_file(self.renewal())?;
         Ok(())
     }
