@@ -176,7 +176,8 @@ pub async fn deleting_a_device_cuts_its_stream(env: &'static Env) -> Result<()> 
     Ok(())
 }
 
-fn operator_ca(env: &Env, step: &str) -> Result<String> {
+/// `liveresponse-operator ca STEP` as an admin: whether it succeeded, and what it said.
+fn run_ca(env: &Env, step: &str) -> Result<(bool, String)> {
     let out = std::process::Command::new(e2e::stack::target_bin("liveresponse-operator"))
         .args(["--namespace", e2e::stack::OPERATOR_NAMESPACE, "ca", step])
         .env("KUBECONFIG", env.cluster.kubeconfig("admin"))
@@ -186,7 +187,12 @@ fn operator_ca(env: &Env, step: &str) -> Result<String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    ensure!(out.status.success(), "ca {step}: {text}");
+    Ok((out.status.success(), text))
+}
+
+fn operator_ca(env: &Env, step: &str) -> Result<String> {
+    let (ok, text) = run_ca(env, step)?;
+    ensure!(ok, "ca {step}: {text}");
     Ok(text)
 }
 
@@ -242,16 +248,8 @@ pub async fn the_ca_rotates_without_losing_an_agent(env: &'static Env) -> Result
         said.contains("ca switch"),
         "prepare says what comes next: {said}"
     );
-    let again = std::process::Command::new(e2e::stack::target_bin("liveresponse-operator"))
-        .args([
-            "--namespace",
-            e2e::stack::OPERATOR_NAMESPACE,
-            "ca",
-            "prepare",
-        ])
-        .env("KUBECONFIG", env.cluster.kubeconfig("admin"))
-        .output()?;
-    ensure!(!again.status.success(), "a second prepare must be refused");
+    let (again, _) = run_ca(env, "prepare")?;
+    ensure!(!again, "a second prepare must be refused");
     restart_operator(env)?;
     eventually("the agent to hold both CAs", T, || async {
         Ok((certs_in(&dir.join("ca.crt"))? == 2).then_some(()))
