@@ -1,6 +1,7 @@
 //! The live response operator: controllers (one module per kind), the agent gateway, the
 //! certificate authority and metrics. `main.rs` wires them together under a leader lease.
 
+pub mod artifacts;
 pub mod context;
 pub mod controllers;
 pub mod error;
