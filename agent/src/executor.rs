@@ -41,6 +41,8 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 
 struct Job {
     cancelled: Arc<AtomicBool>,
+    /// getfile: where the operator's copy ends, when a new Execute said so while it ran.
+    resume: Arc<Mutex<Option<u64>>>,
     reason: Arc<Mutex<Option<CancelReason>>>,
     started: Instant,
     line: String,
@@ -72,6 +74,8 @@ pub struct Executor {
     state: Mutex<State>,
     /// `trace -level` of each session.
     levels: SessionLevels,
+    /// getfile's bytes per second, when limited.
+    transfer_rate: Mutex<Option<u64>>,
 }
 
 impl Executor {
@@ -86,7 +90,13 @@ impl Executor {
             started: Instant::now(),
             state: Mutex::new(State::default()),
             levels,
+            transfer_rate: Mutex::new(None),
         })
+    }
+
+    /// Limits getfile to this many bytes per second.
+    pub fn set_transfer_rate(&self, rate: Option<u64>) {
+        *self.transfer_rate.lock().unwrap_or_else(|p| p.into_inner()) = rate;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -133,8 +143,14 @@ impl Executor {
         let uid = exec.command_uid.clone();
         let replay = {
             let st = self.state();
-            if st.running.contains_key(&uid) {
-                tracing::info!(%uid, "already running; not starting it again");
+            if let Some(job) = st.running.get(&uid) {
+                if exec.command == "getfile" {
+                    tracing::info!(%uid, offset = exec.resume_offset, "already sending; going on from where the operator's copy ends");
+                    *job.resume.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(exec.resume_offset);
+                } else {
+                    tracing::info!(%uid, "already running; not starting it again");
+                }
                 return;
             }
             st.done.get(&uid).cloned()
@@ -148,18 +164,29 @@ impl Executor {
         }
         let job = Job {
             cancelled: Arc::new(AtomicBool::new(false)),
+            resume: Arc::new(Mutex::new(None)),
             reason: Arc::new(Mutex::new(None)),
             started: Instant::now(),
             line: format!("{} {}", exec.command, exec.args.join(" ")),
         };
         let cancelled = job.cancelled.clone();
         let reason = job.reason.clone();
+        let resume = job.resume.clone();
         self.state().running.insert(uid.clone(), job);
         let me = self.clone();
         let span = command_span(&exec.session, &uid);
         let work = async move {
             tracing::info!(%uid, command = %exec.command, session = %exec.session, "running");
-            let events = me.run(&exec, cancelled, reason).await;
+            let events = me.run(&exec, cancelled, reason, resume).await;
+            // A getfile is not replayed from memory: its chunks are not kept, so a new
+            // Execute sends what the operator lacks again, which reading allows.
+            if exec.command == "getfile" {
+                me.state().running.remove(&uid);
+                for e in events {
+                    me.send(e).await;
+                }
+                return;
+            }
             {
                 let mut st = me.state();
                 st.running.remove(&uid);
@@ -199,6 +226,7 @@ impl Executor {
         exec: &Execute,
         cancelled: Arc<AtomicBool>,
         reason: Arc<Mutex<Option<CancelReason>>>,
+        resume: Arc<Mutex<Option<u64>>>,
     ) -> Vec<AgentMessage> {
         let uid = exec.command_uid.clone();
         let inv = match parse_command(&exec.command, &exec.args) {
@@ -254,7 +282,18 @@ impl Executor {
             let span = tracing::Span::current();
             let deadline = ctx.deadline;
             let stop = ctx.cancelled.clone();
-            let work = move || span.in_scope(|| me.provider.execute(&ctx, &inv));
+            let transfer = (name == "getfile").then(|| Transfer {
+                uid: uid.clone(),
+                start: exec.resume_offset,
+                max: exec.max_file_bytes,
+                resume,
+            });
+            let work = move || {
+                span.in_scope(|| match transfer {
+                    Some(t) => me.getfile(&ctx, &inv, t),
+                    None => me.provider.execute(&ctx, &inv),
+                })
+            };
             let mut worker = tokio::task::spawn_blocking(work);
             tokio::select! {
                 joined = &mut worker => match joined {
@@ -283,7 +322,20 @@ impl Executor {
                         );
                         return failed(&uid2, "OutputTooLarge", &msg);
                     }
-                    succeeded(&uid2, text.into_bytes(), r.working_directory, r.warnings)
+                    let mut events =
+                        succeeded(&uid2, text.into_bytes(), r.working_directory, r.warnings);
+                    if let Some(file) = r.file {
+                        for e in &mut events {
+                            if let Some(agent_message::Msg::Event(CommandEvent {
+                                event: Some(command_event::Event::Completed(c)),
+                                ..
+                            })) = &mut e.msg
+                            {
+                                c.file = Some(file.clone());
+                            }
+                        }
+                    }
+                    events
                 };
                 match tokio::task::spawn_blocking(work).await {
                     Ok(events) => events,
@@ -341,6 +393,39 @@ impl Executor {
         });
     }
 
+    /// Streams a file to the operator (on a blocking thread): chunks go to whatever
+    /// stream is current, and wait while there is none.
+    fn getfile(
+        &self,
+        ctx: &ExecContext,
+        inv: &Invocation,
+        t: Transfer,
+    ) -> Result<CommandResult, ExecError> {
+        let path = inv
+            .get("path")
+            .ok_or_else(|| ExecError::InvalidArgument("getfile needs a path".into()))?;
+        let opened = self.provider.open_file(ctx, path)?;
+        tracing::info!(path = %opened.path, size = opened.size, from = t.start, "sending a file");
+        let send = |chunk: proto::FileChunk| {
+            let Some(tx) = self.state().sender.clone() else {
+                return false;
+            };
+            tx.blocking_send(event(&t.uid, command_event::Event::File(chunk)))
+                .is_ok()
+        };
+        let rate = *self.transfer_rate.lock().unwrap_or_else(|p| p.into_inner());
+        let summary =
+            crate::transfer::send_file(opened, t.start, t.max, rate, ctx, &t.resume, &send)?;
+        tracing::info!(path = %summary.path, size = summary.size, sha256 = %summary.sha256, "file sent");
+        let mut r = CommandResult::with_records(vec![serde_json::json!({
+            "path": summary.path,
+            "size": summary.size,
+            "sha256": summary.sha256,
+        })]);
+        r.file = Some(summary);
+        Ok(r)
+    }
+
     fn agent_command(&self, inv: &Invocation, session: &str) -> Result<CommandResult, ExecError> {
         match inv.spec.name {
             // The same answer as the console's, one record per line.
@@ -395,6 +480,14 @@ impl Executor {
             ))),
         }
     }
+}
+
+/// What a getfile needs besides its invocation.
+struct Transfer {
+    uid: String,
+    start: u64,
+    max: u64,
+    resume: Arc<Mutex<Option<u64>>>,
 }
 
 /// Resolves once the command should have stopped (cancelled, or past its deadline) and

@@ -6,3 +6,4 @@ pub mod enroll;
 pub mod executor;
 pub mod logging;
 pub mod provider;
+pub mod transfer;

@@ -42,9 +42,38 @@ struct Args {
     /// The host's filesystem as the agent sees it: / on the host, /host in a DaemonSet.
     #[arg(long, env = "LR_HOST_ROOT", default_value = "/")]
     host_root: PathBuf,
+    /// Most bytes per second getfile sends (`50Mi`, `1Gi`, or bytes), so a transfer does
+    /// not fill a slow or shared link. Unlimited when unset.
+    #[arg(long, env = "LR_TRANSFER_RATE_LIMIT", value_parser = parse_rate)]
+    transfer_rate_limit: Option<u64>,
     /// Protocol version to announce (only to test how an incompatible agent is refused).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
+}
+
+/// `50Mi`, `1Gi`, `500Ki` or a number of bytes, per second.
+fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let mul: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{s:?}: write bytes per second as 500Ki, 50Mi, 1Gi or a number"
+            ));
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?}: write a positive rate such as 50Mi"))
 }
 
 #[tokio::main]
@@ -121,6 +150,7 @@ async fn run(args: Args, levels: SessionLevels) -> Result<()> {
         args.host_root.clone(),
         levels,
     );
+    executor.set_transfer_rate(args.transfer_rate_limit);
     let mut hello = hello(&executor, &args.host_root);
     if let Some(v) = args.protocol_version {
         hello.protocol_version = v;

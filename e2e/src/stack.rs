@@ -212,6 +212,11 @@ impl Stack {
     }
 
     /// Pid of the running operator, if any.
+    /// The operator's artifact store (a local directory).
+    pub fn artifact_dir(&self) -> PathBuf {
+        self.dir.join("artifacts")
+    }
+
     pub fn operator_pid(&self) -> Option<u32> {
         pid_alive(&self.pidfile("operator"), "liveresponse-operator")
     }
@@ -246,6 +251,8 @@ impl Stack {
             "operator-0".into(),
             "--heartbeat-seconds".into(),
             "2".into(),
+            "--artifact-dir".into(),
+            self.artifact_dir().to_string_lossy().into_owned(),
         ];
         let _ = std::fs::remove_file(self.ca_file());
         let start = || -> Result<()> {
@@ -280,6 +287,11 @@ impl Stack {
             format!("127.0.0.1:{}", free_port()?),
             "--instance".into(),
             "operator-1".into(),
+            "--artifact-dir".into(),
+            self.dir
+                .join("artifacts-standby")
+                .to_string_lossy()
+                .into_owned(),
         ];
         self.spawn(
             "operator-standby",

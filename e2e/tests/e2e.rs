@@ -13,6 +13,7 @@ mod console;
 mod control_plane;
 mod defence;
 mod enrollment;
+mod files;
 mod hostile;
 mod live;
 mod pipeline;
@@ -105,6 +106,8 @@ fn main() {
         hostile::symlinks_never_leave_the_host_root,
         certificates::agents_renew_short_lived_certificates,
         certificates::deleting_a_device_cuts_its_stream,
+        files::getfile_resumes_after_the_agent_dies,
+        files::getfile_refuses_what_it_cannot_copy,
     ];
     let serial = trials![
         env,

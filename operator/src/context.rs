@@ -9,6 +9,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use liveresponse_api::crd::{Command, Device, LiveResponseSession, LiveResponseSettings};
 
+use crate::artifacts::ArtifactStore;
 use crate::controllers::command::{DeviceFacts, Limits};
 use crate::gateway::{DeviceKey, Gateway};
 use crate::metrics::Metrics;
@@ -71,6 +72,8 @@ pub struct Context {
     pub disconnect_grace: Duration,
     finished: Mutex<Finished>,
     failures: Mutex<HashMap<(&'static str, String, String), u32>>,
+    /// Where getfile results, full outputs and library uploads are kept.
+    pub artifacts: Arc<ArtifactStore>,
 }
 
 impl Context {
@@ -81,6 +84,7 @@ impl Context {
         instance: &str,
         stores: Stores,
         timing: Timing,
+        artifacts: Arc<ArtifactStore>,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -104,6 +108,7 @@ impl Context {
             disconnect_grace: timing.disconnect_grace,
             finished: Mutex::new(Finished::default()),
             failures: Mutex::new(HashMap::new()),
+            artifacts,
         }
     }
 

@@ -22,8 +22,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::artifacts::ArtifactStore;
 use crate::pki::{self, Ca};
-use crate::sink::{OutputProblem, OutputSink, OutputSummary};
+use crate::sink::{FileProblem, FileSink, OutputProblem, OutputSink, OutputSummary, StagedFile};
 use crate::status::bounded;
 use crate::wake::WakeQueue;
 
@@ -103,6 +104,16 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// The output, or why it cannot be trusted.
     pub output: Result<OutputSummary, OutputProblem>,
+    /// getfile: the verified copy, or why there is none.
+    pub file: Option<Result<StagedFile, FileProblem>>,
+}
+
+/// How far a transfer has come, as the gateway holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub bytes: u64,
+    pub total: Option<u64>,
+    pub resumed_at: Option<u64>,
 }
 
 impl Report {
@@ -119,6 +130,8 @@ pub enum SendError {
     NotConnected(String),
     #[error("device {0} stopped reading its stream; it was disconnected")]
     Stalled(String),
+    #[error("the operator cannot stage the file: {0}")]
+    Staging(String),
 }
 
 /// What the gateway knows of a device's link.
@@ -143,6 +156,25 @@ struct InFlight {
     target: CommandTarget,
     sink: OutputSink,
     cancel_sent: Option<Instant>,
+    /// getfile: the copy being written. Behind its own lock: chunks are written without
+    /// holding the gateway's.
+    file: Option<Arc<Mutex<FileSink>>>,
+    /// When the command was last woken for progress.
+    progress_woken: Option<Instant>,
+}
+
+/// How often a transfer wakes its command to record progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs blocking file work from async code without stalling the runtime's other tasks
+/// (other agents' streams); directly where the runtime cannot lend its thread (tests).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 #[derive(Default)]
@@ -177,6 +209,7 @@ pub struct Gateway {
     /// say otherwise.
     device_cert_lifetime: Duration,
     settings: std::sync::OnceLock<kube::runtime::reflector::Store<LiveResponseSettings>>,
+    artifacts: std::sync::OnceLock<Arc<ArtifactStore>>,
 }
 
 impl Gateway {
@@ -202,6 +235,7 @@ impl Gateway {
             enroll_per_minute: 60,
             device_cert_lifetime,
             settings: std::sync::OnceLock::new(),
+            artifacts: std::sync::OnceLock::new(),
         })
     }
 
@@ -239,12 +273,60 @@ impl Gateway {
         self.state().results.get(exec_uid).cloned()
     }
 
+    /// Where getfile copies wait before the artifact store takes them.
+    pub fn set_artifacts(&self, store: Arc<ArtifactStore>) {
+        let _ = self.artifacts.set(store);
+    }
+
+    fn staging_path(&self, exec_uid: &str) -> Option<std::path::PathBuf> {
+        // A uid is the API server's; still, only a plain name becomes a file name.
+        let safe = exec_uid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        let store = self.artifacts.get()?;
+        (safe && !exec_uid.starts_with('.'))
+            .then(|| store.staging_dir().join(format!("{exec_uid}.part")))
+    }
+
+    /// Deletes what an unfinished transfer left in staging (the command ended otherwise).
+    pub fn discard_staging(&self, exec_uid: &str) {
+        if let Some(p) = self.staging_path(exec_uid) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// How far a transfer has come.
+    pub fn progress(&self, exec_uid: &str) -> Option<Progress> {
+        let file = self.state().inflight.get(exec_uid)?.file.clone()?;
+        let f = file.lock().unwrap_or_else(|p| p.into_inner());
+        Some(Progress {
+            bytes: f.written(),
+            total: f.total(),
+            resumed_at: f.resumed_at(),
+        })
+    }
+
     /// Sends a command to its device. Never waits: an agent whose queue is full is
     /// disconnected (it stopped reading), and the command is sent again when it is back.
-    pub fn execute(&self, target: CommandTarget, exec: Execute) -> Result<(), SendError> {
+    /// A getfile goes on from what an interrupted transfer left in staging.
+    pub fn execute(&self, target: CommandTarget, mut exec: Execute) -> Result<(), SendError> {
         let uid = exec.command_uid.clone();
         let limit = exec.max_output_bytes;
         let device = target.device.clone();
+        let file = if exec.command == "getfile" {
+            let path = self
+                .staging_path(&uid)
+                .ok_or_else(|| SendError::Staging("no artifact store is configured".to_string()))?;
+            let sink = blocking(|| FileSink::open(&path, exec.max_file_bytes))
+                .map_err(|e| SendError::Staging(format!("{}: {e}", path.display())))?;
+            if let Some(at) = sink.resumed_at() {
+                tracing::info!(%uid, offset = at, "getfile resumes: the operator holds the first {at} bytes");
+            }
+            exec.resume_offset = sink.written();
+            Some(Arc::new(Mutex::new(sink)))
+        } else {
+            None
+        };
         let msg = OperatorMessage {
             msg: Some(operator_message::Msg::Execute(exec)),
         };
@@ -262,6 +344,8 @@ impl Gateway {
                         target,
                         sink: OutputSink::new(limit),
                         cancel_sent: None,
+                        file,
+                        progress_woken: None,
                     },
                 );
                 Ok(())
@@ -464,6 +548,52 @@ impl Gateway {
         self.device_wakes.wake(device.clone());
     }
 
+    /// Writes a getfile chunk, outside the gateway's lock: the stream's read loop waits
+    /// for the disk, which is the back-pressure a fast agent needs.
+    fn on_file_chunk(
+        &self,
+        device: &DeviceKey,
+        uid: &str,
+        chunk: liveresponse_api::proto::FileChunk,
+    ) -> Result<(), Status> {
+        let (sink, wake) = {
+            let mut st = self.state();
+            let Some(f) = st.inflight.get_mut(uid) else {
+                return Ok(());
+            };
+            if &f.target.device != device {
+                return Err(Status::permission_denied(
+                    "that command belongs to another device",
+                ));
+            }
+            let Some(sink) = f.file.clone() else {
+                return Err(Status::invalid_argument(
+                    "a file chunk for a command that moves no file",
+                ));
+            };
+            let wake = f
+                .progress_woken
+                .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+            if wake {
+                f.progress_woken = Some(Instant::now());
+            }
+            (sink, wake.then(|| f.target.object_ref()))
+        };
+        let len = chunk.data.len();
+        blocking(|| {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(
+                chunk.offset,
+                &chunk.data,
+                chunk.total_size,
+            )
+        });
+        self.metrics.file_bytes.inc_by(len as u64);
+        if let Some(r) = wake {
+            self.command_wakes.wake(r);
+        }
+        Ok(())
+    }
+
     fn on_event(
         &self,
         device: &DeviceKey,
@@ -484,6 +614,8 @@ impl Gateway {
         }
         match ev.event {
             Some(command_event::Event::Output(chunk)) => f.sink.push(&chunk.data),
+            // Handled by on_file_chunk before the lock is taken.
+            Some(command_event::Event::File(_)) => {}
             Some(command_event::Event::Completed(c)) => {
                 let Some(f) = st.inflight.remove(&uid) else {
                     return Ok(());
@@ -518,6 +650,11 @@ impl Gateway {
                     working_directory,
                     warnings,
                     output: f.sink.finish(c.output_size, &c.output_sha256),
+                    file: f.file.as_ref().map(|sink| {
+                        sink.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .finish(c.file.as_ref())
+                    }),
                 };
                 tracing::info!(%uid, outcome = report.outcome.as_str_name(), "agent reported a result");
                 st.result_bytes += report.bytes();
@@ -1085,6 +1222,16 @@ impl AgentGateway for GatewayService {
                             if last_seen.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                                 last_seen = Some(Instant::now());
                                 gw.seen(&device);
+                            }
+                        }
+                        Some(agent_message::Msg::Event(
+                            liveresponse_api::proto::CommandEvent {
+                                command_uid,
+                                event: Some(command_event::Event::File(chunk)),
+                            },
+                        )) => {
+                            if let Err(s) = gw.on_file_chunk(&device, &command_uid, chunk) {
+                                break format!("protocol violation: {}", s.message());
                             }
                         }
                         Some(agent_message::Msg::Event(ev)) => {

@@ -12,6 +12,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use liveresponse_api::crd::{Command, Device, LiveResponseSession, LiveResponseSettings};
 use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
+use liveresponse_operator::artifacts::{ArtifactStore, S3Config};
 use liveresponse_operator::context::{Context, Stores, Timing};
 use liveresponse_operator::controllers::{self, command, device, session};
 use liveresponse_operator::gateway::{Gateway, GatewayService};
@@ -60,6 +61,24 @@ struct Args {
     /// stream at two thirds of it (default 30 days).
     #[arg(long, default_value_t = liveresponse_operator::pki::DEFAULT_DEVICE_LIFETIME.as_secs(), value_parser = clap::value_parser!(u64).range(30..))]
     device_certificate_lifetime_seconds: u64,
+    /// Directory of the artifact store (getfile results, full outputs, library uploads),
+    /// and of the staging files transfers are written to first. A PersistentVolume in a
+    /// cluster: an interrupted getfile resumes from what is staged there.
+    #[arg(
+        long,
+        env = "LR_ARTIFACT_DIR",
+        default_value = "/var/lib/liveresponse/artifacts"
+    )]
+    artifact_dir: std::path::PathBuf,
+    /// Keep artifacts in this S3 bucket instead of --artifact-dir (which still holds the
+    /// staging files). Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = "LR_ARTIFACT_S3_BUCKET")]
+    artifact_s3_bucket: Option<String>,
+    /// Endpoint of an S3-compatible store (`http://127.0.0.1:9000`); unset for AWS.
+    #[arg(long, env = "LR_ARTIFACT_S3_ENDPOINT", default_value = "")]
+    artifact_s3_endpoint: String,
+    #[arg(long, env = "LR_ARTIFACT_S3_REGION", default_value = "us-east-1")]
+    artifact_s3_region: String,
     #[command(subcommand)]
     admin: Option<Admin>,
 }
@@ -112,6 +131,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let metrics = Metrics::new();
+    let artifacts = Arc::new(match &args.artifact_s3_bucket {
+        Some(bucket) => ArtifactStore::s3(
+            &S3Config {
+                endpoint: args.artifact_s3_endpoint.clone(),
+                bucket: bucket.clone(),
+                region: args.artifact_s3_region.clone(),
+                access_key_id: std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
+                secret_access_key: std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
+            },
+            &args.artifact_dir.join("staging"),
+        )?,
+        None => ArtifactStore::local(&args.artifact_dir)?,
+    });
+    tracing::info!(backend = artifacts.backend(), dir = %args.artifact_dir.display(), "artifact store");
     tokio::spawn({
         let metrics = metrics.clone();
         async move {
@@ -229,6 +262,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .for_each(|_| async {}),
     );
     gateway.set_settings_store(settings_store.clone());
+    gateway.set_artifacts(artifacts.clone());
     let settings_api = Api::<LiveResponseSettings>::all(client.clone());
     tokio::spawn(
         reflector::reflector(settings_writer, watcher(settings_api, cfg.clone()))
@@ -250,6 +284,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             restart_grace: Duration::from_secs(args.restart_grace_seconds),
             disconnect_grace: Duration::from_secs(args.disconnect_grace_seconds),
         },
+        artifacts,
     ));
     // Decisions read these caches: start once they hold the cluster's state.
     device_store.wait_until_ready().await?;

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub duplicate_connections: prometheus::IntCounter,
     /// Reconcile errors by controller.
     pub reconcile_errors: IntCounterVec,
+    /// Bytes of files received from agents (getfile).
+    pub file_bytes: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -68,6 +70,11 @@ impl Metrics {
             &["controller"],
         )
         .expect("static metric definition");
+        let file_bytes = prometheus::IntCounter::new(
+            "liveresponse_file_bytes_received_total",
+            "Bytes of files received from agents (getfile)",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(sessions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(commands.clone()),
@@ -75,6 +82,7 @@ impl Metrics {
             Box::new(agents_connected.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(duplicate_connections.clone()),
+            Box::new(file_bytes.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -91,6 +99,7 @@ impl Metrics {
             agents_connected,
             duplicate_connections,
             reconcile_errors,
+            file_bytes,
         }
     }
 

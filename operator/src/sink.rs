@@ -264,3 +264,263 @@ mod tests {
         }
     }
 }
+
+/// A getfile's copy waiting on the operator's disk (a staging file), verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedFile {
+    /// The staging file.
+    pub staged: std::path::PathBuf,
+    /// The file's path on the device.
+    pub device_path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Why a transferred file cannot be trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileProblem {
+    /// The agent sent more than maxFileSize.
+    TooLarge { limit: u64 },
+    /// The agent said it finished but did not say what it sent.
+    NoSummary,
+    /// Fewer or more bytes arrived than the agent says it sent.
+    Incomplete { expected: u64, received: u64 },
+    /// The copy does not hash to what the agent read.
+    Corrupt { agent: String, operator: String },
+    /// The operator could not write its copy.
+    Io(String),
+}
+
+impl FileProblem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "FileTooLarge",
+            Self::Io(_) => "ArtifactStoreError",
+            _ => "TransferFailed",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Self::TooLarge { limit } => format!(
+                "the agent sent more than this namespace's maxFileSize ({limit} bytes); the copy was dropped"
+            ),
+            Self::NoSummary => {
+                "the agent did not say what it sent; the copy was dropped: run getfile again".into()
+            }
+            Self::Incomplete { expected, received } => format!(
+                "the agent sent a file of {expected} bytes but the operator holds {received}: the transfer was incomplete; run getfile again"
+            ),
+            Self::Corrupt { agent, operator } => format!(
+                "the copy's sha256 ({operator}) differs from the file's as the agent read it ({agent}): it was corrupted in transit; run getfile again"
+            ),
+            Self::Io(e) => format!("the operator could not keep the file: {e}"),
+        }
+    }
+}
+
+/// Writes a transfer's chunks to a staging file, in order, hashing as it goes. Opened on a
+/// staging file left by an interrupted transfer, it goes on from that file's end.
+pub struct FileSink {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    hasher: Sha256,
+    written: u64,
+    resumed_at: Option<u64>,
+    total: Option<u64>,
+    limit: u64,
+    problem: Option<FileProblem>,
+}
+
+impl FileSink {
+    /// Opens (or continues) the staging file at `path`; `limit` bounds the file's size.
+    pub fn open(path: &std::path::Path, limit: u64) -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        // What is already there was verified in order when it was written; it is hashed
+        // again because a hasher's state does not survive a restart.
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            written += n as u64;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            hasher,
+            written,
+            resumed_at: (written > 0).then_some(written),
+            total: None,
+            limit,
+            problem: None,
+        })
+    }
+
+    /// Bytes held, in order from the file's start.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Where this transfer resumed, if it did.
+    pub fn resumed_at(&self) -> Option<u64> {
+        self.resumed_at
+    }
+
+    /// The file's size as the agent announced it.
+    pub fn total(&self) -> Option<u64> {
+        self.total
+    }
+
+    /// Takes a chunk. Only the chunk that starts where the copy ends is written: one the
+    /// copy already has (a replay after a reconnect) or one past a gap is dropped, and the
+    /// final check says whether everything arrived.
+    pub fn push(&mut self, offset: u64, data: &[u8], total: u64) {
+        use std::io::Write;
+        if self.problem.is_some() {
+            return;
+        }
+        if total > self.limit {
+            self.problem = Some(FileProblem::TooLarge { limit: self.limit });
+            return;
+        }
+        self.total = Some(total);
+        if offset != self.written {
+            return;
+        }
+        let end = self.written + data.len() as u64;
+        if end > total {
+            self.problem = Some(FileProblem::Incomplete {
+                expected: total,
+                received: end,
+            });
+            return;
+        }
+        if let Err(e) = self.file.write_all(data) {
+            self.problem = Some(FileProblem::Io(e.to_string()));
+            return;
+        }
+        self.hasher.update(data);
+        self.written = end;
+    }
+
+    /// Checks the copy against what the agent says it sent.
+    pub fn finish(
+        &mut self,
+        summary: Option<&liveresponse_api::proto::FileSummary>,
+    ) -> Result<StagedFile, FileProblem> {
+        if let Some(p) = &self.problem {
+            return Err(p.clone());
+        }
+        let Some(s) = summary else {
+            return Err(FileProblem::NoSummary);
+        };
+        if s.size != self.written {
+            return Err(FileProblem::Incomplete {
+                expected: s.size,
+                received: self.written,
+            });
+        }
+        let ours = hex::encode(self.hasher.clone().finalize());
+        if !s.sha256.eq_ignore_ascii_case(&ours) {
+            return Err(FileProblem::Corrupt {
+                agent: s.sha256.chars().take(64).collect(),
+                operator: ours,
+            });
+        }
+        Ok(StagedFile {
+            staged: self.path.clone(),
+            device_path: s.path.chars().take(4096).collect(),
+            size: self.written,
+            sha256: ours,
+        })
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+    use liveresponse_api::proto::FileSummary;
+
+    fn summary(data: &[u8]) -> FileSummary {
+        FileSummary {
+            path: "/var/log/x".into(),
+            size: data.len() as u64,
+            sha256: hex::encode(Sha256::digest(data)),
+        }
+    }
+
+    #[test]
+    fn chunks_in_order_make_a_verified_copy_and_replays_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.part");
+        let data = b"0123456789abcdef";
+        let mut s = FileSink::open(&path, 100).unwrap();
+        s.push(0, &data[..6], 16);
+        s.push(0, &data[..6], 16); // a replay after a reconnect
+        s.push(10, &data[10..], 16); // past a gap
+        s.push(6, &data[6..], 16);
+        let staged = s.finish(Some(&summary(data))).unwrap();
+        assert_eq!(std::fs::read(&staged.staged).unwrap(), data);
+        assert_eq!(staged.size, 16);
+        assert_eq!(staged.device_path, "/var/log/x");
+    }
+
+    #[test]
+    fn a_staging_file_left_behind_is_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.part");
+        let data = b"hello, world";
+        let mut s = FileSink::open(&path, 100).unwrap();
+        s.push(0, &data[..5], 12);
+        drop(s); // the operator restarted
+        let mut s = FileSink::open(&path, 100).unwrap();
+        assert_eq!((s.written(), s.resumed_at()), (5, Some(5)));
+        s.push(5, &data[5..], 12);
+        assert!(s.finish(Some(&summary(data))).is_ok());
+    }
+
+    #[test]
+    fn lies_and_losses_are_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"abcdef";
+        let mut s = FileSink::open(&dir.path().join("1"), 100).unwrap();
+        s.push(0, &data[..3], 6);
+        assert!(matches!(
+            s.finish(Some(&summary(data))),
+            Err(FileProblem::Incomplete {
+                expected: 6,
+                received: 3
+            })
+        ));
+        let mut s = FileSink::open(&dir.path().join("2"), 100).unwrap();
+        s.push(0, b"abcxyz", 6);
+        assert!(matches!(
+            s.finish(Some(&summary(data))),
+            Err(FileProblem::Corrupt { .. })
+        ));
+        let mut s = FileSink::open(&dir.path().join("3"), 4).unwrap();
+        s.push(0, b"ab", 6);
+        assert_eq!(
+            s.finish(Some(&summary(data))),
+            Err(FileProblem::TooLarge { limit: 4 })
+        );
+        let mut s = FileSink::open(&dir.path().join("4"), 100).unwrap();
+        s.push(0, b"abcdefgh", 6); // more than it announced
+        assert!(matches!(
+            s.finish(Some(&summary(data))),
+            Err(FileProblem::Incomplete { .. })
+        ));
+        let mut s = FileSink::open(&dir.path().join("5"), 100).unwrap();
+        assert_eq!(s.finish(None), Err(FileProblem::NoSummary));
+    }
+}

@@ -91,6 +91,8 @@ pub struct CommandResult {
     pub working_directory: Option<String>,
     /// Notes for the analyst that are not records, e.g. what findfile skipped.
     pub warnings: Vec<String>,
+    /// getfile: what was sent.
+    pub file: Option<liveresponse_api::proto::FileSummary>,
 }
 
 impl CommandResult {
@@ -145,6 +147,24 @@ pub trait Provider: Send + Sync {
     /// implements, for the agent's hello.
     fn capabilities(&self) -> Vec<&'static str>;
     fn execute(&self, ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError>;
+    /// Opens a regular file for getfile, refusing what would hang or never end (FIFOs,
+    /// sockets, devices, kernel pseudo files). The executor streams it.
+    fn open_file(&self, ctx: &ExecContext, path: &str) -> Result<OpenedFile, ExecError> {
+        let _ = (ctx, path);
+        Err(ExecError::NotSupported {
+            command: "getfile".to_owned(),
+            os: self.os().to_owned(),
+        })
+    }
+}
+
+/// A regular file opened for reading, with what it looked like when opened.
+pub struct OpenedFile {
+    /// Its device path, links resolved.
+    pub path: String,
+    pub file: std::fs::File,
+    pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// The provider for the OS this binary runs on.

@@ -167,6 +167,19 @@ pub struct FileRef {
     pub artifact: Option<String>,
 }
 
+/// How far a transfer has come.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferProgress {
+    /// Bytes the operator holds, verified in order.
+    pub bytes: i64,
+    /// Size of the whole file.
+    pub total_bytes: i64,
+    /// Where an interrupted transfer resumed, when it did (bytes kept, not sent again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at: Option<i64>,
+}
+
 /// What a remediate or undo command changed.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -224,6 +237,9 @@ pub struct CommandStatus {
     /// The command's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<CommandOutput>,
+    /// How far a transfer (getfile) has come, updated about once a second while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TransferProgress>,
     /// The file a getfile moved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileRef>,

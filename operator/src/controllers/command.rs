@@ -19,9 +19,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use liveresponse_api::command::{Invocation, Tier, TimeoutClass, parse_command};
 use liveresponse_api::crd::{
-    Command, CommandError, CommandOutput, CommandPhase, CommandStatus, CommandStep,
+    Command, CommandError, CommandOutput, CommandPhase, CommandStatus, CommandStep, FileRef,
     LiveResponseSession, OutputFormat, REQUESTED_BY_ANNOTATION, REQUESTED_BY_GROUPS_ANNOTATION,
-    SessionPhase, SettingsSpec, Time, parse_duration, parse_size,
+    SessionPhase, SettingsSpec, Time, TransferProgress, parse_duration, parse_size,
 };
 use liveresponse_api::proto::{self, CancelReason, Execute, Outcome};
 use serde_json::json;
@@ -29,7 +29,8 @@ use serde_json::json;
 use crate::context::Context;
 use crate::controllers::{plus, until};
 use crate::error::{Error, Result};
-use crate::gateway::{CommandTarget, Report, step_uid};
+use crate::gateway::{CommandTarget, Progress, Report, SendError, step_uid};
+use crate::sink::StagedFile;
 use crate::status::set_condition;
 
 /// How long the operator waits for an agent to confirm a cancel before it records the
@@ -44,6 +45,8 @@ pub struct Limits {
     pub offline_queue_timeout: Duration,
     pub retention: Duration,
     pub max_output: u64,
+    /// Largest file getfile may pull.
+    pub max_file_size: u64,
 }
 
 impl Limits {
@@ -57,6 +60,7 @@ impl Limits {
             retention: parse_duration(&s.command_retention)
                 .unwrap_or(Duration::from_secs(720 * 3600)),
             max_output: parse_size(&s.max_output_size).unwrap_or(64 << 20),
+            max_file_size: parse_size(&s.max_file_size).unwrap_or(3 << 30),
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct ExecState {
     pub report: Option<Report>,
     /// This operator recorded the command final moments ago (its cache may lag behind).
     pub just_finished: bool,
+    /// How far its transfer has come (getfile).
+    pub progress: Option<Progress>,
 }
 
 /// Everything [`decide`] looks at besides the command.
@@ -145,6 +151,8 @@ pub struct Finish {
     pub cancel_on_agent: Option<CancelReason>,
     /// `cd` moved the session here.
     pub working_directory: Option<String>,
+    /// getfile: the verified copy to keep in the artifact store.
+    pub file: Option<StagedFile>,
 }
 
 impl Finish {
@@ -158,6 +166,7 @@ impl Finish {
             step: None,
             cancel_on_agent: None,
             working_directory: None,
+            file: None,
         }
     }
 
@@ -180,6 +189,8 @@ pub enum Decision {
     RecordStep { step: CommandStep, exec_uid: String },
     /// Ask the agent to stop, and wait for it to say it did.
     CancelOnAgent(CancelReason),
+    /// Record how far the transfer has come.
+    Progress(TransferProgress),
     /// Move to a final phase.
     Finish(Box<Finish>),
     /// Finished: let the session's next commands go; delete once retention passed.
@@ -472,6 +483,9 @@ fn decide_running(
         ));
     }
     if o.exec.inflight {
+        if let Some(p) = progress_to_record(c, o.exec.progress) {
+            return Decision::Progress(p);
+        }
         return Decision::Wait(Some(left));
     }
     if o.exec.just_finished {
@@ -503,6 +517,18 @@ fn decide_running(
             o.disconnect_grace.as_secs()
         ),
     )
+}
+
+/// The transfer's progress, when it moved since status last said.
+fn progress_to_record(c: &Command, p: Option<Progress>) -> Option<TransferProgress> {
+    let p = p?;
+    let now = TransferProgress {
+        bytes: i64::try_from(p.bytes).unwrap_or(i64::MAX),
+        total_bytes: i64::try_from(p.total?).unwrap_or(i64::MAX),
+        resumed_at: p.resumed_at.and_then(|r| i64::try_from(r).ok()),
+    };
+    let recorded = c.status.as_ref().and_then(|s| s.progress.as_ref());
+    (recorded != Some(&now)).then_some(now)
 }
 
 fn step_line(parsed: Option<&Invocation>, step: usize) -> String {
@@ -554,6 +580,16 @@ fn from_report(c: &Command, parsed: Option<&Invocation>, r: &Report) -> Decision
             return Decision::Finish(Box::new(f));
         }
     };
+    // A file that arrived but cannot be trusted fails a getfile the agent thinks went well.
+    let file = match (&r.file, r.outcome) {
+        (Some(Err(problem)), Outcome::Succeeded) => {
+            let mut f = Finish::new(CommandPhase::Failed, problem.reason(), problem.message());
+            f.exit_code = Some(r.exit_code);
+            return Decision::Finish(Box::new(f));
+        }
+        (Some(Ok(staged)), Outcome::Succeeded) => Some(staged.clone()),
+        _ => None,
+    };
     let (phase, default_reason, default_message) = match r.outcome {
         Outcome::Succeeded => (CommandPhase::Succeeded, "", ""),
         Outcome::Cancelled => (
@@ -596,6 +632,7 @@ fn from_report(c: &Command, parsed: Option<&Invocation>, r: &Report) -> Decision
     if phase == CommandPhase::Succeeded && !r.working_directory.is_empty() {
         f.working_directory = Some(r.working_directory.clone());
     }
+    f.file = file;
     Decision::Finish(Box::new(f))
 }
 
@@ -657,6 +694,7 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
             cancel_sent: inflight.flatten(),
             report: ctx.gateway.report(&exec.uid),
             just_finished: ctx.just_finished(&uid),
+            progress: ctx.gateway.progress(&exec.uid),
         },
         access,
     })
@@ -791,8 +829,27 @@ async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> 
                     OutputFormat::Table => proto::OutputFormat::Table as i32,
                 },
                 max_output_bytes: o.limits.max_output,
+                // Set by the gateway from what it holds in staging.
+                resume_offset: 0,
+                max_file_bytes: o.limits.max_file_size,
             };
-            if let Err(e) = ctx.gateway.execute(target, msg) {
+            let sent = ctx.gateway.execute(target, msg);
+            if let Err(SendError::Staging(why)) = &sent {
+                tracing::error!(%why, "cannot stage a transfer");
+                finish(
+                    c,
+                    o,
+                    Finish::new(
+                        CommandPhase::Failed,
+                        "ArtifactStoreError",
+                        format!("the operator cannot receive the file: {why}"),
+                    ),
+                    ctx,
+                )
+                .await?;
+                return Ok(Action::await_change());
+            }
+            if let Err(e) = sent {
                 // The device's return wakes this command.
                 tracing::info!(error = %e, "not dispatched");
                 return Ok(Action::requeue(Duration::from_secs(30)));
@@ -827,6 +884,12 @@ async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> 
             st.steps.push(step);
             write_status(&api, c, &st).await?;
             ctx.gateway.drop_report(&exec_uid);
+            Ok(Action::await_change())
+        }
+        Decision::Progress(p) => {
+            let mut st = c.status.clone().unwrap_or_default();
+            st.progress = Some(p);
+            write_status(&api, c, &st).await?;
             Ok(Action::await_change())
         }
         Decision::CancelOnAgent(why) => {
@@ -991,6 +1054,25 @@ async fn finish(c: &Command, o: &Observed, f: Finish, ctx: &Context) -> Result<(
     if f.output.is_some() {
         st.output = f.output.clone();
     }
+    if let Some(staged) = &f.file {
+        // The artifact is stored before status names it: a status that points at nothing
+        // is worse than a retry.
+        ctx.artifacts
+            .put_staged(&staged.staged, &staged.sha256)
+            .await
+            .map_err(|e| Error::Invalid(format!("storing the file: {e}")))?;
+        let size = i64::try_from(staged.size).unwrap_or(i64::MAX);
+        st.file = Some(FileRef {
+            path: staged.device_path.clone(),
+            size,
+            sha256: staged.sha256.clone(),
+            artifact: Some(staged.sha256.clone()),
+        });
+        if let Some(p) = &mut st.progress {
+            p.bytes = size;
+            p.total_bytes = size;
+        }
+    }
     let ok = f.phase == CommandPhase::Succeeded;
     if !ok {
         st.error = Some(CommandError {
@@ -1011,6 +1093,7 @@ async fn finish(c: &Command, o: &Observed, f: Finish, ctx: &Context) -> Result<(
     let api: Api<Command> = Api::namespaced(ctx.client.clone(), &ns);
     write_status(&api, c, &st).await?;
     ctx.gateway.forget(&uid);
+    ctx.gateway.discard_staging(&uid);
     ctx.mark_finished(&uid);
     let verb = c.spec.command.as_str();
     ctx.metrics

@@ -107,6 +107,7 @@ fn report(step: Option<usize>, outcome: Outcome) -> Report {
         error_message: String::new(),
         working_directory: String::new(),
         warnings: vec![],
+        file: None,
         output: Ok(OutputSummary {
             inline: "PATH\n/tmp\n".into(),
             truncated: false,

@@ -49,6 +49,9 @@ struct Fixture {
 }
 
 fn fixture(limit: u64) -> Fixture {
+    // object_store's S3 client brings a second rustls provider; the process must pick one,
+    // as the operator's main does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = kube::Config::new("http://127.0.0.1:9".parse().expect("static url"));
     let client = kube::Client::try_from(config).expect("client without a server");
     let ca = Arc::new(Ca::generate().expect("ca"));
@@ -134,6 +137,7 @@ fn completed() -> impl Strategy<Value = Completed> {
             warnings,
             output_size,
             output_sha256: t[3].clone(),
+            file: None,
         })
 }
 
@@ -146,6 +150,15 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
             vec(any::<u8>(), 0..300)
                 .prop_map(|data| Some(command_event::Event::Output(OutputChunk { data }))),
             completed().prop_map(|c| Some(command_event::Event::Completed(c))),
+            (any::<u64>(), vec(any::<u8>(), 0..300), any::<u64>()).prop_map(
+                |(offset, data, total_size)| Some(command_event::Event::File(
+                    liveresponse_api::proto::FileChunk {
+                        offset,
+                        data,
+                        total_size
+                    }
+                ))
+            ),
         ],
     )
         .prop_map(|(command_uid, event)| CommandEvent { command_uid, event });
@@ -241,6 +254,16 @@ proptest! {
                         let der = crate::pki::tests::pem_to_der(&pem);
                         prop_assert_eq!(crate::pki::device_identity(&der).ok(), Some(device.clone()));
                     }
+                }
+                // A chunk for a command that moves no file, or another device's, ends the
+                // stream as a protocol violation; it never panics or writes anything.
+                Some(agent_message::Msg::Event(CommandEvent {
+                    command_uid,
+                    event: Some(command_event::Event::File(chunk)),
+                })) => {
+                    let result = gw.on_file_chunk(&device, &command_uid, chunk);
+                    let in_flight = gw.inflight(&command_uid).is_some();
+                    prop_assert!(result.is_err() || !in_flight);
                 }
                 Some(agent_message::Msg::Event(ev)) => {
                     let uid = ev.command_uid.clone();

@@ -14,10 +14,10 @@ use serde::Serialize;
 
 use super::hostfs::{
     Accounts, HostFs, hash_file, io_error, listing_size, mode_string, normalize, open_in_root,
-    owner_of, rfc3339, rfc3339_from_unix, rfc3339_precise, type_name,
+    open_regular, owner_of, rfc3339, rfc3339_from_unix, rfc3339_precise, type_name,
 };
 use super::{number, required, summarize, to_records};
-use crate::provider::{CommandResult, ExecContext, ExecError};
+use crate::provider::{CommandResult, ExecContext, ExecError, OpenedFile};
 
 const DEFAULT_MAX_RESULTS: u64 = 1000;
 const DEFAULT_FINDFILE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -105,6 +105,20 @@ fn metadata_of(ctx: &ExecContext, device: &str) -> Result<fs::Metadata, ExecErro
     open_in_root(&ctx.host_root, device)
         .and_then(|f| f.metadata())
         .map_err(|e| io_error(&e, device))
+}
+
+/// Opens a file for getfile: links resolved within the root, and only a regular file on a
+/// real file system (a FIFO would block the transfer, a device or a /proc file never end).
+pub(super) fn open_for_transfer(ctx: &ExecContext, path: &str) -> Result<OpenedFile, ExecError> {
+    let canonical = resolve(ctx, path, true)?;
+    let (file, meta) =
+        open_regular(&ctx.host_root, &canonical, true).map_err(|e| e.into_exec(&canonical))?;
+    Ok(OpenedFile {
+        path: canonical,
+        file,
+        size: meta.len(),
+        modified: meta.modified().ok(),
+    })
 }
 
 pub(super) fn cd(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {

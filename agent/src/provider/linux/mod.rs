@@ -8,7 +8,7 @@
 use liveresponse_api::command::Invocation;
 use serde::Serialize;
 
-use super::{CommandResult, ExecContext, ExecError, Provider};
+use super::{CommandResult, ExecContext, ExecError, OpenedFile, Provider};
 
 mod files;
 mod hostfs;
@@ -31,6 +31,7 @@ const COMMANDS: &[&str] = &[
     "drivers",
     "fileinfo",
     "findfile",
+    "getfile",
     "persistence",
     "processes",
     "scheduledtasks",
@@ -56,6 +57,10 @@ impl Provider for LinuxProvider {
         COMMANDS.to_vec()
     }
 
+    fn open_file(&self, ctx: &ExecContext, path: &str) -> Result<OpenedFile, ExecError> {
+        files::open_for_transfer(ctx, path)
+    }
+
     fn execute(&self, ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
         ctx.check()?;
         let mut result = match inv.spec.name {
@@ -70,6 +75,10 @@ impl Provider for LinuxProvider {
             "scheduledtasks" => persistence::scheduledtasks(ctx, inv),
             "startupfolders" => persistence::startupfolders(ctx),
             "persistence" => persistence::persistence(ctx),
+            // Streamed by the executor through open_file, not answered as records.
+            "getfile" => Err(ExecError::Failed(
+                "getfile is streamed by the agent's executor".to_owned(),
+            )),
             other => Err(ExecError::NotSupported {
                 command: other.to_owned(),
                 os: "linux".to_owned(),
@@ -196,7 +205,11 @@ mod tests {
         for name in provider.capabilities() {
             let spec = liveresponse_api::command::find(name).unwrap();
             assert!(spec.supports(liveresponse_api::command::Platform::Linux));
-            assert_eq!(spec.tier, liveresponse_api::command::Tier::Basic);
+            // Advanced verbs are the ones that move or change things.
+            assert!(
+                spec.tier == liveresponse_api::command::Tier::Basic || name == "getfile",
+                "{name} is advanced"
+            );
             assert_eq!(
                 spec.handler,
                 liveresponse_api::command::Handler::Provider,

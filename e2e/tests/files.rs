@@ -1,0 +1,200 @@
+//! Files: getfile moves a file into the artifact store, verified by sha256 end to end,
+//! resuming after the agent dies mid-way; what cannot be copied fails fast and says why.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use e2e::fixture::host_root;
+use e2e::lr::{self, Cmd};
+use kube::Client;
+use kube::api::Api;
+use liveresponse_api::crd::{Command, CommandPhase, SessionPhase};
+use sha2::{Digest, Sha256};
+
+use crate::Env;
+
+const T: Duration = Duration::from_secs(60);
+
+fn sha256_of(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A tenant, an agent for `device` (with `agent_args`), and a Connected session `s`.
+async fn setup(
+    env: &Env,
+    ns: &str,
+    device: &str,
+    root: &Path,
+    settings: &str,
+    agent_args: &[&str],
+) -> Result<Client> {
+    env.stack.tenant(ns, settings)?;
+    env.stack.start_agent(ns, device, root, agent_args)?;
+    env.stack.wait_device(ns, device, true, T)?;
+    let client = env.cluster.client("analyst-advanced").await?;
+    lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
+    lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
+    Ok(client)
+}
+
+/// A 1 GiB random file comes over whole (its sha256 matches in the Command's status and in
+/// the artifact store), and killing the agent half way resumes from what the operator
+/// already held instead of from zero.
+pub async fn getfile_resumes_after_the_agent_dies(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-getfile", "evidence");
+    let root = host_root("getfile")?;
+    let src = root.join("evidence.bin");
+    {
+        let mut random = std::fs::File::open("/dev/urandom")?.take(1 << 30);
+        let mut out = std::fs::File::create(&src)?;
+        std::io::copy(&mut random, &mut out)?;
+    }
+    let want = sha256_of(&src)?;
+    // Limited, so that "half way" lasts long enough to be caught.
+    let agent = ["--transfer-rate-limit", "150Mi"];
+    let client = setup(env, ns, device, &root, "", &agent).await?;
+    let result = async {
+        // Admission keeps getfile from a basic analyst.
+        let basic = env.cluster.client("analyst-basic").await?;
+        let refused = Cmd::new("s", "getfile", &["/evidence.bin"])
+            .create(&basic, ns, "basic-getfile")
+            .await;
+        let why = refused.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        ensure!(
+            why.contains("liveresponse-advanced"),
+            "a basic analyst's getfile was not refused by admission: {why:?}"
+        );
+
+        Cmd::new("s", "getfile", &["/evidence.bin"])
+            .create(&client, ns, "pull")
+            .await?;
+        let api: Api<Command> = Api::namespaced(client.clone(), ns);
+        // Kill the agent once the operator holds about a third of the file.
+        let deadline = Instant::now() + T;
+        let held = loop {
+            ensure!(Instant::now() < deadline, "no progress within {T:?}");
+            let c = api.get("pull").await?;
+            ensure!(
+                !lr::phase(&c).is_some_and(CommandPhase::is_final),
+                "finished before the agent could be killed: {:?}",
+                c.status
+            );
+            let p = c.status.and_then(|s| s.progress);
+            if let Some(p) = p.filter(|p| p.bytes * 3 >= p.total_bytes) {
+                ensure!(p.total_bytes == 1 << 30, "total {}", p.total_bytes);
+                break p.bytes;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        env.stack.kill_agent(ns, device);
+        eprintln!("getfile: agent killed with {held} bytes recorded as held");
+        env.stack.start_agent(ns, device, &root, &agent)?;
+        let c = lr::wait_final(&client, ns, "pull", Duration::from_secs(120)).await?;
+        lr::succeeded(&c)?;
+        let st = c.status.context("no status")?;
+        let file = st.file.context("no status.file")?;
+        let progress = st.progress.context("no status.progress")?;
+        let resumed = progress.resumed_at.context("the transfer did not resume")?;
+        eprintln!(
+            "getfile: resumed at offset {resumed} of {} (not 0); sha256 {}",
+            file.size, file.sha256
+        );
+        ensure!(
+            resumed >= held && resumed < file.size,
+            "resumed at {resumed}, but {held} bytes were already held"
+        );
+        let log = std::fs::read_to_string(env.stack.log("operator"))?;
+        ensure!(
+            log.contains(&format!("the operator holds the first {resumed} bytes")),
+            "the operator did not log the offset it resumed from"
+        );
+        ensure!(file.size == 1 << 30, "size {}", file.size);
+        ensure!(file.sha256 == want, "sha256 {} != {want}", file.sha256);
+        ensure!(file.path == "/evidence.bin", "path {}", file.path);
+        let artifact = file.artifact.context("no artifact")?;
+        let stored = env
+            .stack
+            .artifact_dir()
+            .join("objects/sha256")
+            .join(&artifact);
+        ensure!(sha256_of(&stored)? == want, "the stored artifact differs");
+        // The staging copy is gone once stored.
+        let staged: Vec<_> = std::fs::read_dir(env.stack.artifact_dir().join("staging"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let uid = c.metadata.uid.clone().unwrap_or_default();
+                e.file_name().to_string_lossy().contains(&uid)
+            })
+            .collect();
+        ensure!(staged.is_empty(), "staging files left: {staged:?}");
+        let _ = std::fs::remove_file(&stored);
+        Ok(())
+    }
+    .await;
+    env.stack.kill_agent(ns, device);
+    let _ = std::fs::remove_dir_all(&root);
+    result
+}
+
+/// A FIFO, a character device and a file over maxFileSize each fail at once, saying why.
+pub async fn getfile_refuses_what_it_cannot_copy(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-getfile-refused", "odd-files");
+    let root = host_root("getfile-refused")?;
+    let run = |args: &[&str]| {
+        std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .map_err(anyhow::Error::from)
+            .and_then(|s| {
+                ensure!(s.success(), "{args:?}: {s}");
+                Ok(())
+            })
+    };
+    let fifo = root.join("pipe");
+    run(&["mkfifo", &fifo.to_string_lossy()])?;
+    let zero = root.join("zero");
+    run(&["mknod", &zero.to_string_lossy(), "c", "1", "5"])?;
+    std::fs::File::create(root.join("big.img"))?.set_len(3 << 20)?;
+    let client = setup(env, ns, device, &root, "  maxFileSize: 2Mi\n", &[]).await?;
+    let result = async {
+        for (name, path, says) in [
+            ("fifo", "/pipe", "FIFO"),
+            ("zero", "/zero", "character device"),
+            ("big", "/big.img", "maxFileSize"),
+        ] {
+            let started = Instant::now();
+            let c = Cmd::new("s", "getfile", &[path])
+                .run(&client, ns, name)
+                .await?;
+            let err = lr::error(&c).with_context(|| format!("{path}: no error: {:?}", c.status))?;
+            ensure!(
+                lr::phase(&c) == Some(CommandPhase::Failed) && err.message.contains(says),
+                "{path}: {:?} {err:?}",
+                lr::phase(&c)
+            );
+            ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "{path} took {:?} to fail",
+                started.elapsed()
+            );
+            eprintln!("getfile {path}: {}", err.message);
+        }
+        Ok(())
+    }
+    .await;
+    env.stack.kill_agent(ns, device);
+    let _ = std::fs::remove_dir_all(&root);
+    result
+}
