@@ -15,6 +15,7 @@ mod connect;
 mod console;
 mod devices;
 mod disconnect;
+mod download;
 mod error;
 mod exec;
 mod log;
@@ -98,6 +99,17 @@ enum Cmd {
     Connect(connect::ConnectArgs),
     /// Run one command on a device and print its output; exits non-zero when it fails.
     Exec(exec::ExecArgs),
+    /// Download the file a getfile brought back (resumes, verifies its sha256).
+    Download {
+        /// Name of the getfile Command (`kubectl liveresponse log SESSION` shows them).
+        command: String,
+        /// Where to write it (default: the file's name, in the current folder).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
 }
 
 /// Rust ignores SIGPIPE, which turns `kubectl liveresponse log S -o json | head` into a
@@ -164,6 +176,11 @@ async fn run(cli: &Cli) -> Result<i32> {
         Cmd::Log { session, output } => log::run(&ctx, session, *output, colors).await?,
         Cmd::Disconnect { session } => disconnect::run(&ctx, session).await?,
         Cmd::Connect(args) => return connect::run(&ctx, args, cli.no_color).await,
+        Cmd::Download {
+            command,
+            output,
+            quiet,
+        } => download::run(&ctx, command, output.as_deref(), *quiet).await?,
         Cmd::Exec(_) => {}
     }
     Ok(EXIT_OK)

@@ -30,6 +30,41 @@ pub fn target_bin(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
+/// The address the file API listens on: the API server must reach it, and Endpoints refuse
+/// loopback addresses, so it is a routable address of this machine. A dummy interface gives
+/// one that no network owns (what a pod IP is, without a kubelet); without the privilege to
+/// add it, the machine's first global address serves.
+const FILES_IP: &str = "10.254.254.1";
+const FILES_IF: &str = "lr-files0";
+
+fn files_ip() -> Result<String> {
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned()))
+    };
+    let (_, shown) = ip(&["-4", "-o", "addr", "show", "dev", FILES_IF]).unwrap_or_default();
+    if shown.contains(FILES_IP) {
+        return Ok(FILES_IP.into());
+    }
+    let made = ip(&["link", "add", FILES_IF, "type", "dummy"]).is_ok_and(|r| r.0)
+        && ip(&["addr", "add", &format!("{FILES_IP}/32"), "dev", FILES_IF]).is_ok_and(|r| r.0)
+        && ip(&["link", "set", FILES_IF, "up"]).is_ok_and(|r| r.0);
+    if made {
+        return Ok(FILES_IP.into());
+    }
+    let (_, global) = ip(&["-4", "-o", "addr", "show", "scope", "global"])
+        .context("running `ip` (Debian's iproute2) to find an address for the file API")?;
+    global
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_string)
+        .context("no routable IPv4 address for the file API: could not add a dummy interface (needs CAP_NET_ADMIN) and the machine has no global address")
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -217,6 +252,18 @@ impl Stack {
         self.dir.join("artifacts")
     }
 
+    /// The Service and Endpoints the API server reaches the file API through (the
+    /// operator registers the APIService itself).
+    fn publish_files_api(&self, addr: &str) -> Result<()> {
+        let (ip, port) = addr.rsplit_once(':').context("files address")?;
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: liveresponse-files, namespace: {OPERATOR_NAMESPACE}}}\nspec:\n  ports: [{{name: https, port: 443, targetPort: {port}}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: liveresponse-files, namespace: {OPERATOR_NAMESPACE}}}\nsubsets:\n- addresses: [{{ip: \"{ip}\"}}]\n  ports: [{{name: https, port: {port}}}]\n"
+        );
+        self.cluster
+            .kubectl_ok("admin", &["apply", "-f", "-"], Some(&yaml))?;
+        Ok(())
+    }
+
     pub fn operator_pid(&self) -> Option<u32> {
         pid_alive(&self.pidfile("operator"), "liveresponse-operator")
     }
@@ -238,6 +285,8 @@ impl Stack {
             }
         };
         let (gw, metrics) = (port("gateway.port")?, port("metrics.port")?);
+        let files = format!("{}:{}", files_ip()?, port("files.port")?);
+        self.publish_files_api(&files)?;
         let args = vec![
             "--namespace".into(),
             OPERATOR_NAMESPACE.into(),
@@ -253,6 +302,8 @@ impl Stack {
             "2".into(),
             "--artifact-dir".into(),
             self.artifact_dir().to_string_lossy().into_owned(),
+            "--files-addr".into(),
+            files,
         ];
         let _ = std::fs::remove_file(self.ca_file());
         let start = || -> Result<()> {

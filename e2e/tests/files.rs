@@ -139,6 +139,7 @@ pub async fn getfile_resumes_after_the_agent_dies(env: &'static Env) -> Result<(
             })
             .collect();
         ensure!(staged.is_empty(), "staging files left: {staged:?}");
+        download_through_the_api_server(env, ns, "pull", &src, &want)?;
         let _ = std::fs::remove_file(&stored);
         Ok(())
     }
@@ -146,6 +147,65 @@ pub async fn getfile_resumes_after_the_agent_dies(env: &'static Env) -> Result<(
     env.stack.kill_agent(ns, device);
     let _ = std::fs::remove_dir_all(&root);
     result
+}
+
+fn cli(env: &Env, user: &str, args: &[&str]) -> Result<std::process::Output> {
+    Ok(
+        std::process::Command::new(e2e::stack::target_bin("kubectl-liveresponse"))
+            .args(args)
+            .env("KUBECONFIG", env.cluster.kubeconfig(user))
+            .output()?,
+    )
+}
+
+/// `kubectl liveresponse download` through the file API: a user without `commands/file`
+/// is refused by the API server; the analyst's download resumes from a partial file, its
+/// sha256 is the original's, and the API server's audit log names the analyst.
+fn download_through_the_api_server(
+    env: &Env,
+    ns: &str,
+    command: &str,
+    src: &Path,
+    want: &str,
+) -> Result<()> {
+    let dir = host_root("download")?;
+    let dest = dir.join("evidence.bin");
+    let dest_s = dest.to_string_lossy().into_owned();
+    let refused = cli(env, "analyst-basic", &["-n", ns, "download", command, "-o", &dest_s])?;
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    ensure!(
+        !refused.status.success() && said.contains("forbidden"),
+        "a basic analyst's download was not refused: {said}"
+    );
+    // An interrupted earlier download left the first 100 MiB.
+    {
+        let mut head = std::fs::File::open(src)?.take(100 << 20);
+        let mut part = std::fs::File::create(dir.join("evidence.bin.part"))?;
+        std::io::copy(&mut head, &mut part)?;
+    }
+    let out = cli(env, "analyst-advanced", &["-n", ns, "download", command, "-o", &dest_s])?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    ensure!(out.status.success(), "download failed: {stderr}");
+    ensure!(
+        stderr.contains(&format!("at byte {} of", 100u64 << 20)),
+        "the download did not resume from the partial file: {stderr}"
+    );
+    ensure!(stdout.contains("sha256 verified"), "{stdout}");
+    ensure!(sha256_of(&dest)? == want, "the downloaded file differs");
+    eprintln!("download: {}", stdout.trim());
+    let audit = std::fs::read_to_string(env.cluster.state.join("audit.log"))?;
+    let seen = audit.lines().any(|l| {
+        l.contains("\"files.liveresponse.io\"")
+            && l.contains(&format!("\"name\":\"{command}\""))
+            && l.contains("\"username\":\"analyst-advanced\"")
+            && l.contains("\"subresource\":\"file\"")
+    });
+    ensure!(seen, "the download is not in the API server's audit log as analyst-advanced's");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// A FIFO, a character device and a file over maxFileSize each fail at once, saying why.

@@ -5,6 +5,7 @@ pub mod artifacts;
 pub mod context;
 pub mod controllers;
 pub mod error;
+pub mod files_api;
 pub mod gateway;
 pub mod metrics;
 pub mod pki;

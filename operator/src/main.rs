@@ -13,6 +13,7 @@ use kube::{Api, Client, ResourceExt};
 use liveresponse_api::crd::{Command, Device, LiveResponseSession, LiveResponseSettings};
 use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
 use liveresponse_operator::artifacts::{ArtifactStore, S3Config};
+use liveresponse_operator::files_api;
 use liveresponse_operator::context::{Context, Stores, Timing};
 use liveresponse_operator::controllers::{self, command, device, session};
 use liveresponse_operator::gateway::{Gateway, GatewayService};
@@ -79,8 +80,29 @@ struct Args {
     artifact_s3_endpoint: String,
     #[arg(long, env = "LR_ARTIFACT_S3_REGION", default_value = "us-east-1")]
     artifact_s3_region: String,
+    /// Serve the file API (downloads and library uploads through the Kubernetes API
+    /// server) here. Must be an address the API server reaches: a pod IP, never loopback.
+    #[arg(long, env = "LR_FILES_ADDR")]
+    files_addr: Option<SocketAddr>,
+    /// The Service the API server reaches the file API through, `NAMESPACE/NAME:PORT`: the
+    /// operator registers the APIService v1alpha1.files.liveresponse.io for it, with its
+    /// CA, and names the Service in its serving certificate.
+    #[arg(long, env = "LR_FILES_SERVICE", default_value = "liveresponse-system/liveresponse-files:443")]
+    files_service: String,
     #[command(subcommand)]
     admin: Option<Admin>,
+}
+
+/// `NAMESPACE/NAME:PORT`.
+fn service_ref(s: &str) -> anyhow::Result<(String, String, i32)> {
+    let (ns, rest) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--files-service {s:?}: write NAMESPACE/NAME:PORT"))?;
+    let (name, port) = rest.split_once(':').unwrap_or((rest, "443"));
+    let port: i32 = port
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--files-service {s:?}: the port is not a number"))?;
+    Ok((ns.to_string(), name.to_string(), port))
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -290,6 +312,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     device_store.wait_until_ready().await?;
     settings_store.wait_until_ready().await?;
     tokio::spawn(device::run(ctx.clone()));
+    if let Some(addr) = args.files_addr {
+        let (svc_ns, svc_name, svc_port) = service_ref(&args.files_service)?;
+        let proxy = files_api::front_proxy(client.clone()).await?;
+        let names = vec![
+            format!("{svc_name}.{svc_ns}.svc"),
+            format!("{svc_name}.{svc_ns}.svc.cluster.local"),
+            addr.ip().to_string(),
+        ];
+        let cert = ca.serving_cert(&names)?;
+        let tls = files_api::tls_config(&cert.cert_pem, &cert.key_pem, &proxy)?;
+        files_api::register(client.clone(), &svc_ns, &svc_name, svc_port, &ca.bundle_pem).await?;
+        let api = Arc::new(files_api::FilesApi {
+            client: client.clone(),
+            artifacts: ctx.artifacts.clone(),
+            settings: settings_store.clone(),
+            proxy,
+        });
+        tokio::spawn(async move {
+            if let Err(e) = files_api::serve(addr, tls, api).await {
+                tracing::error!(error = %e, "the file API stopped");
+                std::process::exit(1);
+            }
+        });
+    }
 
     // A session's change (Connected, ended) concerns its commands.
     let by_session = command_store.clone();
