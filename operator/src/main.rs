@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{Controller, WatchStreamExt, metadata_watcher, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use liveresponse_api::crd::{
     Command, Device, LibraryFile, LiveResponseSession, LiveResponseSettings,
@@ -332,13 +333,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (by_cm, by_secret, by_settings) =
         (library_store.clone(), library_store.clone(), library_store);
     let library_ctrl = library_ctrl
-        .watches_stream(
-            metadata_watcher(
-                Api::<k8s_openapi::api::core::v1::ConfigMap>::all(client.clone()),
-                cfg.clone(),
-            )
-            .touched_objects(),
-            move |cm| {
+        .watches(
+            Api::<PartialObjectMeta<k8s_openapi::api::core::v1::ConfigMap>>::all(client.clone()),
+            cfg.clone(),
+            move |cm: PartialObjectMeta<k8s_openapi::api::core::v1::ConfigMap>| {
                 library::referencing(
                     &by_cm,
                     &cm.namespace().unwrap_or_default(),
@@ -347,13 +345,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 )
             },
         )
-        .watches_stream(
-            metadata_watcher(
-                Api::<k8s_openapi::api::core::v1::Secret>::all(client.clone()),
-                cfg.clone(),
-            )
-            .touched_objects(),
-            move |s| {
+        .watches(
+            Api::<PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(client.clone()),
+            cfg.clone(),
+            move |s: PartialObjectMeta<k8s_openapi::api::core::v1::Secret>| {
                 library::referencing(
                     &by_secret,
                     &s.namespace().unwrap_or_default(),
