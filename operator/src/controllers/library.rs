@@ -328,6 +328,30 @@ async fn fetch(
     )))
 }
 
+/// The merge patch that makes the status `st`, refused if the file changed since it was
+/// read. Fields `st` leaves out are sent as null: a merge patch keeps what it does not
+/// mention, and a stale `message` or `signer` must not outlive the verdict it belonged to.
+pub fn status_patch(lf: &LibraryFile, st: &LibraryFileStatus) -> Result<serde_json::Value> {
+    let mut status = serde_json::to_value(st)?;
+    if let Some(fields) = status.as_object_mut() {
+        for k in [
+            "phase",
+            "size",
+            "sha256",
+            "signer",
+            "message",
+            "conditions",
+            "observedGeneration",
+        ] {
+            fields.entry(k).or_insert(serde_json::Value::Null);
+        }
+    }
+    Ok(json!({
+        "metadata": { "resourceVersion": lf.resource_version() },
+        "status": status,
+    }))
+}
+
 #[tracing::instrument(skip_all, fields(namespace = lf.namespace().unwrap_or_default(), name = %lf.name_any()))]
 pub async fn reconcile(lf: Arc<LibraryFile>, ctx: Arc<Context>) -> Result<Action> {
     let ns = lf.namespace().unwrap_or_default();
@@ -350,10 +374,7 @@ pub async fn reconcile(lf: Arc<LibraryFile>, ctx: Arc<Context>) -> Result<Action
     let st = decide(&lf, fetched, &settings, jiff::Timestamp::now());
     if lf.status.as_ref() != Some(&st) {
         let api: Api<LibraryFile> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({
-            "metadata": { "resourceVersion": lf.resource_version() },
-            "status": st,
-        });
+        let patch = status_patch(&lf, &st)?;
         match api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await

@@ -395,3 +395,22 @@ fn referencing_finds_files_of_that_source_in_that_namespace() {
     assert_eq!(names(referencing(&store, "t1", "scripts", true)), ["d"]);
     assert_eq!(names(in_namespace(&store, "t1")), ["a", "b", "d"]);
 }
+
+#[test]
+fn status_patch_clears_what_the_new_verdict_leaves_out() {
+    let mut lf = file("x", spec("x.sh"));
+    lf.metadata.resource_version = Some("42".into());
+    let st = LibraryFileStatus {
+        phase: Some(LibraryFilePhase::Ready),
+        size: Some(1),
+        sha256: Some(sha(b"a")),
+        ..Default::default()
+    };
+    let p = status_patch(&lf, &st).expect("patch");
+    assert_eq!(p["metadata"]["resourceVersion"], "42");
+    assert_eq!(p["status"]["phase"], "Ready");
+    assert_eq!(p["status"]["signed"], false);
+    for k in ["signer", "message", "conditions", "observedGeneration"] {
+        assert!(p["status"].get(k).is_some_and(|v| v.is_null()), "{k}: {p}");
+    }
+}
