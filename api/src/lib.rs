@@ -10,6 +10,7 @@ pub mod command;
 pub mod crd;
 pub mod output;
 pub mod proto;
+pub mod signing;
 
 /// API group of every live response resource.
 pub const GROUP: &str = "liveresponse.io";

@@ -15,6 +15,7 @@ mod defence;
 mod enrollment;
 mod files;
 mod hostile;
+mod library;
 mod live;
 mod pipeline;
 
@@ -108,6 +109,10 @@ fn main() {
         certificates::deleting_a_device_cuts_its_stream,
         files::getfile_resumes_after_the_agent_dies,
         files::getfile_refuses_what_it_cannot_copy,
+        library::inline_script_is_ready_with_its_digest,
+        library::config_map_edits_are_followed_and_pins_enforced,
+        library::signatures_are_checked_against_trusted_signers,
+        library::oversized_content_is_invalid,
     ];
     let serial = trials![
         env,

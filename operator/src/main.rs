@@ -7,15 +7,18 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use liveresponse_api::crd::{Command, Device, LiveResponseSession, LiveResponseSettings};
+use liveresponse_api::crd::{
+    Command, Device, LibraryFile, LiveResponseSession, LiveResponseSettings,
+};
 use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
 use liveresponse_operator::artifacts::{ArtifactStore, S3Config};
 use liveresponse_operator::files_api;
 use liveresponse_operator::context::{Context, Stores, Timing};
-use liveresponse_operator::controllers::{self, command, device, session};
+use liveresponse_operator::controllers::{self, command, device, library, session};
 use liveresponse_operator::gateway::{Gateway, GatewayService};
 use liveresponse_operator::metrics::Metrics;
 use liveresponse_operator::pki::{Ca, Rotation};
@@ -255,6 +258,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let commands_api = Api::<Command>::all(client.clone());
     let session_ctrl =
         Controller::new(sessions_api.clone(), cfg.clone()).with_config(ctrl_cfg.clone());
+    let library_ctrl = Controller::new(Api::<LibraryFile>::all(client.clone()), cfg.clone())
+        .with_config(ctrl_cfg.clone());
     let command_ctrl = Controller::new(commands_api, cfg.clone()).with_config(ctrl_cfg);
     let session_store = session_ctrl.store();
     let command_store = command_ctrl.store();
@@ -340,7 +345,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // A session's change (Connected, ended) concerns its commands.
     let by_session = command_store.clone();
     let command_ctrl = command_ctrl
-        .watches(sessions_api, cfg, move |s: LiveResponseSession| {
+        .watches(sessions_api, cfg.clone(), move |s: LiveResponseSession| {
             liveresponse_operator::context::commands_of(
                 &by_session,
                 &s.namespace().unwrap_or_default(),
@@ -367,7 +372,52 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ctx.clone(),
         )
         .for_each(|_| async {});
-    tokio::join!(command_ctrl, session_ctrl);
+    // A library file is checked again when its ConfigMap or Secret changes (their metadata
+    // is enough to know that, so no Secret value is held here) or its namespace's settings
+    // (trusted signers, size limit) do.
+    let library_store = library_ctrl.store();
+    let (by_cm, by_secret, by_settings) =
+        (library_store.clone(), library_store.clone(), library_store);
+    let library_ctrl = library_ctrl
+        .watches(
+            Api::<PartialObjectMeta<k8s_openapi::api::core::v1::ConfigMap>>::all(client.clone()),
+            cfg.clone(),
+            move |cm: PartialObjectMeta<k8s_openapi::api::core::v1::ConfigMap>| {
+                library::referencing(
+                    &by_cm,
+                    &cm.namespace().unwrap_or_default(),
+                    &cm.name_any(),
+                    false,
+                )
+            },
+        )
+        .watches(
+            Api::<PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(client.clone()),
+            cfg.clone(),
+            move |s: PartialObjectMeta<k8s_openapi::api::core::v1::Secret>| {
+                library::referencing(
+                    &by_secret,
+                    &s.namespace().unwrap_or_default(),
+                    &s.name_any(),
+                    true,
+                )
+            },
+        )
+        .watches(
+            Api::<LiveResponseSettings>::all(client.clone()),
+            cfg.clone(),
+            move |s: LiveResponseSettings| {
+                library::in_namespace(&by_settings, &s.namespace().unwrap_or_default())
+            },
+        )
+        .shutdown_on_signal()
+        .run(
+            library::reconcile,
+            controllers::error_policy("library"),
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    tokio::join!(command_ctrl, session_ctrl, library_ctrl);
     tracing::info!("controllers stopped");
     Ok(())
 }

@@ -45,8 +45,9 @@ pub struct LibraryFileSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-f0-9]{64}$"))]
     pub sha256: Option<String>,
-    /// SSH signature of the content (`ssh-keygen -Y sign -n liveresponse -f key file`), checked
-    /// against the namespace's `trustedSigners` before the agent writes or runs the file.
+    /// SSH signature of the content (`ssh-keygen -Y sign -n liveresponse.io -f key file`; the
+    /// older namespace `liveresponse` is accepted too), checked by the operator and again by
+    /// the agent, before it writes or runs the file, against the namespace's `trustedSigners`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16384))]
     pub signature: Option<String>,

@@ -2,6 +2,7 @@
 
 pub mod command;
 pub mod device;
+pub mod library;
 pub mod session;
 
 use std::sync::Arc;
