@@ -45,10 +45,14 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
 }
 
 pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -> Result<()> {
-    let c = ctx.commands().get_opt(command).await?.ok_or(Error::NotFound {
-        kind: "command",
-        name: command.to_string(),
-    })?;
+    let c = ctx
+        .commands()
+        .get_opt(command)
+        .await?
+        .ok_or(Error::NotFound {
+            kind: "command",
+            name: command.to_string(),
+        })?;
     let file = c.status.and_then(|s| s.file).ok_or_else(|| {
         Error::Usage(format!(
             "command {command} has no file to download: only a getfile that succeeded has one (see `kubectl liveresponse log SESSION`)"
@@ -77,10 +81,16 @@ pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -
         let status = resp.status();
         if !status.is_success() {
             let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-            let text = body.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            let text = body
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
             let message = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
-                .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+                .and_then(|v| {
+                    v.get("message")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string)
+                })
                 .unwrap_or(text);
             return Err(Error::Usage(format!(
                 "the file API answered {status}: {message}{}",
@@ -141,7 +151,11 @@ pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -
         path: dest.display().to_string(),
         source,
     })?;
-    println!("{}  {}  ({size} bytes, sha256 verified)", got, dest.display());
+    println!(
+        "{}  {}  ({size} bytes, sha256 verified)",
+        got,
+        dest.display()
+    );
     Ok(())
 }
 
@@ -151,8 +165,14 @@ mod tests {
 
     #[test]
     fn destinations_never_leave_the_folder() {
-        assert_eq!(destination(None, "/var/log/syslog"), PathBuf::from("syslog"));
-        assert_eq!(destination(None, "C:\\Windows\\x.dll"), PathBuf::from("x.dll"));
+        assert_eq!(
+            destination(None, "/var/log/syslog"),
+            PathBuf::from("syslog")
+        );
+        assert_eq!(
+            destination(None, "C:\\Windows\\x.dll"),
+            PathBuf::from("x.dll")
+        );
         assert_eq!(destination(None, "/etc/.."), PathBuf::from("etc"));
         assert_eq!(destination(None, "/"), PathBuf::from("download"));
         assert_eq!(

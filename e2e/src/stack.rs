@@ -31,8 +31,8 @@ pub fn target_bin(name: &str) -> PathBuf {
 }
 
 /// The address the file API listens on: the API server must reach it, and Endpoints refuse
-/// loopback addresses, so it is a routable address of this machine. A dummy interface gives
-/// one that no network owns (what a pod IP is, without a kubelet); without the privilege to
+/// loopback addresses, so it is a routable address of this machine. A veth pair gives one
+/// that no network owns (what a pod IP is, without a kubelet); without the privilege to
 /// add it, the machine's first global address serves.
 const FILES_IP: &str = "10.254.254.1";
 const FILES_IF: &str = "lr-files0";
@@ -42,13 +42,29 @@ fn files_ip() -> Result<String> {
         std::process::Command::new("ip")
             .args(args)
             .output()
-            .map(|o| (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned()))
+            .map(|o| {
+                (
+                    o.status.success(),
+                    String::from_utf8_lossy(&o.stdout).into_owned(),
+                )
+            })
     };
     let (_, shown) = ip(&["-4", "-o", "addr", "show", "dev", FILES_IF]).unwrap_or_default();
     if shown.contains(FILES_IP) {
         return Ok(FILES_IP.into());
     }
-    let made = ip(&["link", "add", FILES_IF, "type", "dummy"]).is_ok_and(|r| r.0)
+    let made = ip(&[
+        "link",
+        "add",
+        FILES_IF,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lr-files1",
+    ])
+    .is_ok_and(|r| r.0)
+        && ip(&["link", "set", "lr-files1", "up"]).is_ok_and(|r| r.0)
         && ip(&["addr", "add", &format!("{FILES_IP}/32"), "dev", FILES_IF]).is_ok_and(|r| r.0)
         && ip(&["link", "set", FILES_IF, "up"]).is_ok_and(|r| r.0);
     if made {
@@ -62,7 +78,7 @@ fn files_ip() -> Result<String> {
         .nth(1)
         .and_then(|cidr| cidr.split('/').next())
         .map(str::to_string)
-        .context("no routable IPv4 address for the file API: could not add a dummy interface (needs CAP_NET_ADMIN) and the machine has no global address")
+        .context("no routable IPv4 address for the file API: could not add a veth pair (needs CAP_NET_ADMIN) and the machine has no global address")
 }
 
 fn free_port() -> Result<u16> {
@@ -252,12 +268,12 @@ impl Stack {
         self.dir.join("artifacts")
     }
 
-    /// The Service and Endpoints the API server reaches the file API through (the
+    /// The Service and EndpointSlice the API server reaches the file API through (the
     /// operator registers the APIService itself).
     fn publish_files_api(&self, addr: &str) -> Result<()> {
         let (ip, port) = addr.rsplit_once(':').context("files address")?;
         let yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: liveresponse-files, namespace: {OPERATOR_NAMESPACE}}}\nspec:\n  ports: [{{name: https, port: 443, targetPort: {port}}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: liveresponse-files, namespace: {OPERATOR_NAMESPACE}}}\nsubsets:\n- addresses: [{{ip: \"{ip}\"}}]\n  ports: [{{name: https, port: {port}}}]\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: liveresponse-files, namespace: {OPERATOR_NAMESPACE}}}\nspec:\n  ports: [{{name: https, port: 443, targetPort: {port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: liveresponse-files\n  namespace: {OPERATOR_NAMESPACE}\n  labels: {{kubernetes.io/service-name: liveresponse-files, endpointslice.kubernetes.io/managed-by: liveresponse-e2e}}\naddressType: IPv4\nendpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}]\nports: [{{name: https, port: {port}, protocol: TCP}}]\n"
         );
         self.cluster
             .kubectl_ok("admin", &["apply", "-f", "-"], Some(&yaml))?;

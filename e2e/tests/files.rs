@@ -171,7 +171,11 @@ fn download_through_the_api_server(
     let dir = host_root("download")?;
     let dest = dir.join("evidence.bin");
     let dest_s = dest.to_string_lossy().into_owned();
-    let refused = cli(env, "analyst-basic", &["-n", ns, "download", command, "-o", &dest_s])?;
+    let refused = cli(
+        env,
+        "analyst-basic",
+        &["-n", ns, "download", command, "-o", &dest_s],
+    )?;
     let said = String::from_utf8_lossy(&refused.stderr).into_owned();
     ensure!(
         !refused.status.success() && said.contains("forbidden"),
@@ -183,7 +187,11 @@ fn download_through_the_api_server(
         let mut part = std::fs::File::create(dir.join("evidence.bin.part"))?;
         std::io::copy(&mut head, &mut part)?;
     }
-    let out = cli(env, "analyst-advanced", &["-n", ns, "download", command, "-o", &dest_s])?;
+    let out = cli(
+        env,
+        "analyst-advanced",
+        &["-n", ns, "download", command, "-o", &dest_s],
+    )?;
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -203,7 +211,10 @@ fn download_through_the_api_server(
             && l.contains("\"username\":\"analyst-advanced\"")
             && l.contains("\"subresource\":\"file\"")
     });
-    ensure!(seen, "the download is not in the API server's audit log as analyst-advanced's");
+    ensure!(
+        seen,
+        "the download is not in the API server's audit log as analyst-advanced's"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -95,8 +95,14 @@ pub enum Route {
     Resources,
     /// `/apis/files.liveresponse.io`.
     Group,
-    CommandFile { namespace: String, name: String },
-    LibraryContent { namespace: String, name: String },
+    CommandFile {
+        namespace: String,
+        name: String,
+    },
+    LibraryContent {
+        namespace: String,
+        name: String,
+    },
     Health,
 }
 
@@ -362,12 +368,20 @@ impl FilesApi {
             .chars()
             .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\')
             .collect();
-        set(h, "content-disposition", format!("attachment; filename=\"{safe}\""));
+        set(
+            h,
+            "content-disposition",
+            format!("attachment; filename=\"{safe}\""),
+        );
         if wanted.is_some() {
             set(
                 h,
                 "content-range",
-                format!("bytes {}-{}/{size}", served.start, served.end.saturating_sub(1)),
+                format!(
+                    "bytes {}-{}/{size}",
+                    served.start,
+                    served.end.saturating_sub(1)
+                ),
             );
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
         }
@@ -400,7 +414,9 @@ impl FilesApi {
         {
             return status(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the file is {len} bytes, more than this namespace's maxLibraryFileSize ({limit} bytes)"),
+                &format!(
+                    "the file is {len} bytes, more than this namespace's maxLibraryFileSize ({limit} bytes)"
+                ),
             );
         }
         let body = http_body_util::BodyStream::new(req.into_body())
@@ -411,7 +427,11 @@ impl FilesApi {
                 }
             })
             .boxed();
-        match self.artifacts.put_stream(body, limit, expected.as_deref()).await {
+        match self
+            .artifacts
+            .put_stream(body, limit, expected.as_deref())
+            .await
+        {
             Ok((sha256, size)) => {
                 tracing::info!(namespace = %ns, libraryfile = %name, user = user.as_deref().unwrap_or("?"), %sha256, size, "library content uploaded");
                 json(
@@ -421,7 +441,9 @@ impl FilesApi {
             }
             Err(crate::artifacts::StoreError::TooLarge { limit }) => status(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the file is more than this namespace's maxLibraryFileSize ({limit} bytes)"),
+                &format!(
+                    "the file is more than this namespace's maxLibraryFileSize ({limit} bytes)"
+                ),
             ),
             Err(e @ crate::artifacts::StoreError::DigestMismatch { .. }) => {
                 status(StatusCode::BAD_REQUEST, &e.to_string())
@@ -506,7 +528,11 @@ pub async fn register(
         metadata: kube::api::ObjectMeta {
             name: Some(name.clone()),
             labels: Some(
-                [("app.kubernetes.io/part-of".to_string(), "liveresponse".to_string())].into(),
+                [(
+                    "app.kubernetes.io/part-of".to_string(),
+                    "liveresponse".to_string(),
+                )]
+                .into(),
             ),
             ..Default::default()
         },
@@ -543,7 +569,10 @@ mod tests {
     fn routes() {
         let get = Method::GET;
         assert_eq!(
-            route(&get, "/apis/files.liveresponse.io/v1alpha1/namespaces/ns/commands/pull/file"),
+            route(
+                &get,
+                "/apis/files.liveresponse.io/v1alpha1/namespaces/ns/commands/pull/file"
+            ),
             Ok(Route::CommandFile {
                 namespace: "ns".into(),
                 name: "pull".into()
@@ -569,7 +598,11 @@ mod tests {
             "/apis/files.liveresponse.io/v1alpha1/namespaces/ns/commands/a/file/extra",
             "/api/v1/secrets",
         ] {
-            assert_eq!(route(&get, bad).map_err(|e| e.0), Err(StatusCode::NOT_FOUND), "{bad}");
+            assert_eq!(
+                route(&get, bad).map_err(|e| e.0),
+                Err(StatusCode::NOT_FOUND),
+                "{bad}"
+            );
         }
         assert_eq!(
             route(

@@ -16,9 +16,9 @@ use liveresponse_api::crd::{
 };
 use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
 use liveresponse_operator::artifacts::{ArtifactStore, S3Config};
-use liveresponse_operator::files_api;
 use liveresponse_operator::context::{Context, Stores, Timing};
 use liveresponse_operator::controllers::{self, command, device, library, session};
+use liveresponse_operator::files_api;
 use liveresponse_operator::gateway::{Gateway, GatewayService};
 use liveresponse_operator::metrics::Metrics;
 use liveresponse_operator::pki::{Ca, Rotation};
@@ -90,7 +90,11 @@ struct Args {
     /// The Service the API server reaches the file API through, `NAMESPACE/NAME:PORT`: the
     /// operator registers the APIService v1alpha1.files.liveresponse.io for it, with its
     /// CA, and names the Service in its serving certificate.
-    #[arg(long, env = "LR_FILES_SERVICE", default_value = "liveresponse-system/liveresponse-files:443")]
+    #[arg(
+        long,
+        env = "LR_FILES_SERVICE",
+        default_value = "liveresponse-system/liveresponse-files:443"
+    )]
     files_service: String,
     #[command(subcommand)]
     admin: Option<Admin>,
