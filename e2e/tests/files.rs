@@ -10,7 +10,7 @@ use e2e::fixture::host_root;
 use e2e::lr::{self, Cmd};
 use kube::Client;
 use kube::api::Api;
-use liveresponse_api::crd::{Command, CommandPhase, SessionPhase};
+use liveresponse_api::crd::{Command, CommandPhase, LibraryFile, LibraryFileSpec, SessionPhase};
 use sha2::{Digest, Sha256};
 
 use crate::Env;
@@ -262,6 +262,33 @@ pub async fn getfile_refuses_what_it_cannot_copy(env: &'static Env) -> Result<()
             );
             eprintln!("getfile {path}: {}", err.message);
         }
+        // The operator answers `library` from the namespace's LibraryFiles, and refuses
+        // `library delete` to an analyst who may not delete them.
+        let lib: Api<LibraryFile> = Api::namespaced(env.cluster.client("library-admin").await?, ns);
+        let spec: LibraryFileSpec = serde_json::from_value(serde_json::json!({
+            "fileName": "triage.sh", "description": "first look",
+            "source": { "inline": "#!/bin/sh\necho hi\n" },
+        }))?;
+        lib.create(&Default::default(), &LibraryFile::new("triage", spec))
+            .await?;
+        let listed = Cmd::new("s", "library", &[])
+            .run(&client, ns, "lib")
+            .await?;
+        lr::succeeded(&listed)?;
+        let text = lr::content(&listed);
+        ensure!(
+            text.contains("triage.sh") && text.contains("first look"),
+            "{text}"
+        );
+        let del = Cmd::new("s", "library", &["delete", "triage.sh"])
+            .run(&client, ns, "lib-del")
+            .await?;
+        let err = lr::error(&del).context("library delete by an analyst did not fail")?;
+        ensure!(
+            err.reason == "Forbidden" && err.message.contains("library-admin"),
+            "{err:?}"
+        );
+        ensure!(lib.get_opt("triage").await?.is_some(), "deleted anyway");
         Ok(())
     }
     .await;

@@ -157,27 +157,26 @@ pub fn route(method: &Method, path: &str) -> Result<Route, (StatusCode, String)>
     }
 }
 
+/// A `Range` header that cannot be served (HTTP 416).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// A `Range` header against a file of `size` bytes: `None` for the whole file, `Err` when
 /// it cannot be satisfied. One range only: what resuming a download needs.
-pub fn parse_range(header: &str, size: u64) -> Result<Option<Range<u64>>, ()> {
-    let spec = header.trim().strip_prefix("bytes=").ok_or(())?;
+pub fn parse_range(header: &str, size: u64) -> Result<Option<Range<u64>>, Unsatisfiable> {
+    let num = |s: &str| s.parse::<u64>().map_err(|_| Unsatisfiable);
+    let spec = header.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
     if spec.contains(',') {
-        return Err(());
+        return Err(Unsatisfiable);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().map_err(|_| ())?;
-            (size.saturating_sub(n), size)
-        }
-        (s, "") => (s.parse().map_err(|_| ())?, size),
-        (s, e) => {
-            let e: u64 = e.parse().map_err(|_| ())?;
-            (s.parse().map_err(|_| ())?, e.saturating_add(1).min(size))
-        }
+        ("", n) => (size.saturating_sub(num(n)?), size),
+        (s, "") => (num(s)?, size),
+        (s, e) => (num(s)?, num(e)?.saturating_add(1).min(size)),
     };
     if start >= end || start >= size {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some(start..end))
 }
@@ -321,7 +320,7 @@ impl FilesApi {
         let wanted = match range.map(|r| parse_range(r, size)) {
             None => None,
             Some(Ok(r)) => r,
-            Some(Err(())) => {
+            Some(Err(Unsatisfiable)) => {
                 return status(
                     StatusCode::RANGE_NOT_SATISFIABLE,
                     &format!("the range {range:?} does not fit the file's {size} bytes"),
@@ -621,10 +620,10 @@ mod tests {
         assert_eq!(parse_range("bytes=2-5", 10), Ok(Some(2..6)));
         assert_eq!(parse_range("bytes=2-500", 10), Ok(Some(2..10)));
         assert_eq!(parse_range("bytes=-3", 10), Ok(Some(7..10)));
-        assert_eq!(parse_range("bytes=10-", 10), Err(()));
-        assert_eq!(parse_range("bytes=5-2", 10), Err(()));
-        assert_eq!(parse_range("bytes=0-1,4-5", 10), Err(()));
-        assert_eq!(parse_range("items=0-1", 10), Err(()));
-        assert_eq!(parse_range("bytes=x-", 10), Err(()));
+        assert_eq!(parse_range("bytes=10-", 10), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=5-2", 10), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=0-1,4-5", 10), Err(Unsatisfiable));
+        assert_eq!(parse_range("items=0-1", 10), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=x-", 10), Err(Unsatisfiable));
     }
 }

@@ -191,6 +191,8 @@ pub enum Decision {
     CancelOnAgent(CancelReason),
     /// Record how far the transfer has come.
     Progress(TransferProgress),
+    /// A command the operator answers itself (`library`, `library delete`).
+    AnswerHere,
     /// Move to a final phase.
     Finish(Box<Finish>),
     /// Finished: let the session's next commands go; delete once retention passed.
@@ -405,6 +407,13 @@ fn decide_queued(
             Some(true) => return Decision::Wait(Some(Duration::from_secs(1))),
             None => {}
         }
+    }
+    // The library lives in the cluster: no device needed, but the session's order holds.
+    if o.parsed
+        .as_ref()
+        .is_ok_and(|i| i.spec.handler == liveresponse_api::command::Handler::Operator)
+    {
+        return Decision::AnswerHere;
     }
     if offline {
         return offline_wait;
@@ -886,6 +895,11 @@ async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> 
             ctx.gateway.drop_report(&exec_uid);
             Ok(Action::await_change())
         }
+        Decision::AnswerHere => {
+            let f = answer_here(c, o, ctx).await?;
+            finish(c, o, f, ctx).await?;
+            Ok(Action::await_change())
+        }
         Decision::Progress(p) => {
             let mut st = c.status.clone().unwrap_or_default();
             st.progress = Some(p);
@@ -1113,6 +1127,131 @@ async fn finish(c: &Command, o: &Observed, f: Finish, ctx: &Context) -> Result<(
     ctx.event(c, !ok, &reason, crate::status::truncate(&note, 1000))
         .await;
     Ok(())
+}
+
+/// `library` lists the namespace's LibraryFiles; `library delete NAME` deletes one, if the
+/// command's creator may delete LibraryFiles (the operator asks the API server).
+async fn answer_here(c: &Command, o: &Observed, ctx: &Context) -> Result<Finish> {
+    use liveresponse_api::crd::LibraryFile;
+    let ns = c.namespace().unwrap_or_default();
+    let Ok(inv) = &o.parsed else {
+        return Ok(Finish::new(
+            CommandPhase::Failed,
+            "ParseError",
+            "cannot parse",
+        ));
+    };
+    let api: Api<LibraryFile> = Api::namespaced(ctx.client.clone(), &ns);
+    let files = api.list(&Default::default()).await?.items;
+    let format = format_of(c, Some(inv));
+    let text = match inv.spec.name {
+        "library" => crate::controllers::library::listing(&files, format),
+        "library delete" => {
+            let wanted = inv.get("name").unwrap_or_default();
+            let Some(lf) = files
+                .iter()
+                .find(|f| f.spec.file_name == wanted || f.name_any() == wanted)
+            else {
+                return Ok(Finish::new(
+                    CommandPhase::Failed,
+                    "NotFound",
+                    format!(
+                        "no library file named {wanted} in namespace {ns}; `library` lists them"
+                    ),
+                ));
+            };
+            if let Err(why) = may(c, ctx, "libraryfiles", "delete").await? {
+                return Ok(Finish::new(CommandPhase::Failed, "Forbidden", why));
+            }
+            api.delete(&lf.name_any(), &Default::default()).await?;
+            let record = serde_json::json!([{ "fileName": lf.spec.file_name, "state": "deleted" }]);
+            liveresponse_api::output::render(
+                inv.spec,
+                &record.as_array().cloned().unwrap_or_default(),
+                format,
+            )
+        }
+        other => {
+            return Ok(Finish::new(
+                CommandPhase::Failed,
+                "NotSupported",
+                format!("{other} is not answered by the operator"),
+            ));
+        }
+    };
+    let mut sink = crate::sink::OutputSink::new(o.limits.max_output);
+    sink.push(text.as_bytes());
+    let mut f = Finish::new(CommandPhase::Succeeded, "", "");
+    f.exit_code = Some(0);
+    match sink.finish(text.len() as u64, "") {
+        Ok(out) => {
+            f.output = Some(CommandOutput {
+                format,
+                content: out.inline,
+                truncated: out.truncated,
+                size: i64::try_from(out.size).unwrap_or(i64::MAX),
+                sha256: Some(out.sha256),
+                artifact: None,
+                warnings: vec![],
+            })
+        }
+        Err(p) => return Ok(Finish::new(CommandPhase::Failed, p.reason(), p.message())),
+    }
+    Ok(f)
+}
+
+/// Whether the command's creator may `verb` `resource` (liveresponse.io) in its namespace.
+async fn may(c: &Command, ctx: &Context, resource: &str, verb: &str) -> Result<Result<(), String>> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let ns = c.namespace().unwrap_or_default();
+    let user = c
+        .annotations()
+        .get(REQUESTED_BY_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    let groups = c
+        .annotations()
+        .get(REQUESTED_BY_GROUPS_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    if user.is_empty() {
+        return Ok(Err(format!(
+            "the command does not say who created it ({REQUESTED_BY_ANNOTATION})"
+        )));
+    }
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.clone()),
+            groups: Some(
+                groups
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(liveresponse_api::GROUP.into()),
+                resource: Some(resource.into()),
+                verb: Some(verb.into()),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(ctx.client.clone())
+        .create(&Default::default(), &review)
+        .await?;
+    Ok(if answer.status.is_some_and(|s| s.allowed) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{user} may not {verb} {resource} in namespace {ns}: it needs the liveresponse-library-admin role"
+        ))
+    })
 }
 
 /// A finished command lets the session's next commands start and may end an idle session.
