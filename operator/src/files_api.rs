@@ -122,9 +122,12 @@ pub fn route(method: &Method, path: &str) -> Result<Route, (StatusCode, String)>
         .strip_prefix(&format!("{base}/namespaces/"))
         .ok_or((StatusCode::NOT_FOUND, format!("{path} is not served here")))?;
     let parts: Vec<&str> = rest.split('/').collect();
+    // A DNS subdomain, as object names are: never `.` or `..`.
     let ok_name = |s: &str| {
         !s.is_empty()
             && s.len() <= 253
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
     };
