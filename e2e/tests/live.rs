@@ -194,16 +194,12 @@ pub async fn basic_commands_match_ground_truth(env: &'static Env) -> Result<()> 
         "step: {:?}",
         st.steps[0]
     );
-    // getfile itself arrives with the advanced-commands issue; until then it says so.
+    // Then getfile itself: the file, verified by the sha256 the agent and operator agree on.
+    lr::succeeded(&c)?;
+    let file = st.file.context("getfile recorded no file")?;
     ensure!(
-        lr::phase(&c) == Some(CommandPhase::Failed)
-            && st
-                .error
-                .as_ref()
-                .is_some_and(|e| e.message.contains("not implemented")),
-        "getfile: {:?} {:?}",
-        lr::phase(&c),
-        st.error
+        file.sha256 == want && file.artifact.as_deref() == Some(want.as_str()),
+        "getfile: {file:?}, want sha256 {want}"
     );
 
     // cd then dir: the session follows the working directory.
