@@ -18,6 +18,7 @@ mod disconnect;
 mod download;
 mod error;
 mod exec;
+mod library;
 mod log;
 mod render;
 mod run;
@@ -99,6 +100,9 @@ enum Cmd {
     Connect(connect::ConnectArgs),
     /// Run one command on a device and print its output; exits non-zero when it fails.
     Exec(exec::ExecArgs),
+    /// Manage the namespace's library of scripts for run and putfile.
+    #[command(subcommand)]
+    Library(LibraryCmd),
     /// Download the file a getfile brought back (resumes, verifies its sha256).
     Download {
         /// Name of the getfile Command (`kubectl liveresponse log SESSION` shows them).
@@ -109,6 +113,25 @@ enum Cmd {
         /// No progress bar.
         #[arg(short, long)]
         quiet: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LibraryCmd {
+    /// Upload a script through the file API and name it in a LibraryFile; waits for the
+    /// operator to check it (size, sha256, signature).
+    Upload {
+        /// The file to upload.
+        file: PathBuf,
+        /// LibraryFile name (default: from the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// SSH signature (`ssh-keygen -Y sign -n liveresponse.io -f KEY FILE` writes FILE.sig).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        /// What the script does, shown by `library`.
+        #[arg(long)]
+        description: Option<String>,
     },
 }
 
@@ -176,6 +199,23 @@ async fn run(cli: &Cli) -> Result<i32> {
         Cmd::Log { session, output } => log::run(&ctx, session, *output, colors).await?,
         Cmd::Disconnect { session } => disconnect::run(&ctx, session).await?,
         Cmd::Connect(args) => return connect::run(&ctx, args, cli.no_color).await,
+        Cmd::Library(LibraryCmd::Upload {
+            file,
+            name,
+            signature,
+            description,
+        }) => {
+            library::upload(
+                &ctx,
+                &library::Upload {
+                    file,
+                    name: name.as_deref(),
+                    signature: signature.as_deref(),
+                    description: description.as_deref(),
+                },
+            )
+            .await?
+        }
         Cmd::Download {
             command,
             output,

@@ -113,6 +113,7 @@ fn main() {
         library::config_map_edits_are_followed_and_pins_enforced,
         library::signatures_are_checked_against_trusted_signers,
         library::oversized_content_is_invalid,
+        library::upload_through_the_file_api,
     ];
     let serial = trials![
         env,

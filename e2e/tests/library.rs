@@ -325,3 +325,88 @@ pub async fn oversized_content_is_invalid(env: &'static Env) -> Result<()> {
     ensure!(st.size == Some(1025), "{st:?}");
     Ok(())
 }
+
+fn cli(env: &Env, user: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = std::process::Command::new(e2e::stack::target_bin("kubectl-liveresponse"))
+        .args(args)
+        .env("KUBECONFIG", env.cluster.kubeconfig(user))
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `kubectl liveresponse library upload`: the content goes through the file API (only a
+/// library admin may), a LibraryFile names it by sha256 and the operator verifies the
+/// signature; content over maxLibraryFileSize is refused before it is stored.
+pub async fn upload_through_the_file_api(env: &'static Env) -> Result<()> {
+    let ns = "lr-lib-upload";
+    let alice = ALLOWED
+        .lines()
+        .find(|l| l.contains("ssh-ed25519"))
+        .context("the fixture's ed25519 line")?;
+    env.stack.tenant(
+        ns,
+        &format!(
+            "  maxLibraryFileSize: 4Ki\n  trustedSigners:\n  - {}\n",
+            serde_json::to_string(alice)?
+        ),
+    )?;
+    let dir = e2e::fixture::host_root("library-upload")?;
+    let script = dir.join("Triage Script.sh");
+    std::fs::write(&script, SCRIPT)?;
+    let sig = dir.join("triage.sig");
+    std::fs::write(&sig, ED25519_SIG)?;
+    let (script_s, sig_s) = (
+        script.to_string_lossy().into_owned(),
+        sig.to_string_lossy().into_owned(),
+    );
+    let upload = [
+        "-n",
+        ns,
+        "library",
+        "upload",
+        &script_s,
+        "--signature",
+        &sig_s,
+    ];
+
+    let (ok, _, err) = cli(env, "analyst-advanced", &upload)?;
+    ensure!(
+        !ok && err.contains("forbidden"),
+        "an analyst could upload: {err}"
+    );
+
+    let (ok, out, err) = cli(env, "library-admin", &upload)?;
+    ensure!(ok, "upload failed: {err}");
+    ensure!(
+        out.contains("libraryfile/triage-script.sh Ready")
+            && out.contains("signed by alice@example.com"),
+        "{out}"
+    );
+    let api: Api<LibraryFile> = Api::namespaced(env.cluster.client("admin").await?, ns);
+    let lf = api.get("triage-script.sh").await?;
+    ensure!(
+        lf.spec.source.artifact.as_deref() == Some(sha(SCRIPT.as_bytes()).as_str())
+            && lf.spec.file_name == "Triage Script.sh",
+        "{:?}",
+        lf.spec
+    );
+
+    let big = dir.join("big.sh");
+    std::fs::write(&big, "#".repeat(8 << 10))?;
+    let (ok, _, err) = cli(
+        env,
+        "library-admin",
+        &["-n", ns, "library", "upload", &big.to_string_lossy()],
+    )?;
+    ensure!(!ok && err.contains("maxLibraryFileSize"), "{err}");
+    ensure!(
+        api.get_opt("big.sh").await?.is_none(),
+        "an oversized upload was named"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
