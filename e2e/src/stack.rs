@@ -320,6 +320,10 @@ impl Stack {
             self.artifact_dir().to_string_lossy().into_owned(),
             "--files-addr".into(),
             files,
+            "--artifact-gc-interval-seconds".into(),
+            "2".into(),
+            "--artifact-gc-grace-seconds".into(),
+            "20".into(),
         ];
         let _ = std::fs::remove_file(self.ca_file());
         let start = || -> Result<()> {

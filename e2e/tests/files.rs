@@ -238,6 +238,7 @@ pub async fn getfile_refuses_what_it_cannot_copy(env: &'static Env) -> Result<()
     let zero = root.join("zero");
     run(&["mknod", &zero.to_string_lossy(), "c", "1", "5"])?;
     std::fs::File::create(root.join("big.img"))?.set_len(3 << 20)?;
+    std::fs::write(root.join("small.txt"), "small evidence\n")?;
     let client = setup(env, ns, device, &root, "  maxFileSize: 2Mi\n", &[]).await?;
     let result = async {
         for (name, path, says) in [
@@ -289,6 +290,31 @@ pub async fn getfile_refuses_what_it_cannot_copy(env: &'static Env) -> Result<()
             "{err:?}"
         );
         ensure!(lib.get_opt("triage").await?.is_some(), "deleted anyway");
+
+        // A getfile's artifact lives as long as its Command: deleting the Command frees it.
+        let c = Cmd::new("s", "getfile", &["/small.txt"])
+            .run(&client, ns, "small")
+            .await?;
+        lr::succeeded(&c)?;
+        let sha = c.status.and_then(|s| s.file).context("no file")?.sha256;
+        ensure!(
+            sha == hex::encode(Sha256::digest(b"small evidence\n")),
+            "{sha}"
+        );
+        let stored = env.stack.artifact_dir().join("objects/sha256").join(&sha);
+        ensure!(stored.exists(), "{} is not stored", stored.display());
+        // Analysts cannot delete Commands (the command log is evidence); an admin can.
+        Api::<Command>::namespaced(env.cluster.client("admin").await?, ns)
+            .delete("small", &Default::default())
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while stored.exists() {
+            ensure!(
+                Instant::now() < deadline,
+                "the artifact of a deleted Command was not collected"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         Ok(())
     }
     .await;

@@ -96,6 +96,13 @@ struct Args {
         default_value = "liveresponse-system/liveresponse-files:443"
     )]
     files_service: String,
+    /// Seconds between sweeps of the artifact store for artifacts nothing names any more.
+    #[arg(long, default_value_t = 600)]
+    artifact_gc_interval_seconds: u64,
+    /// How old an unnamed artifact (or an idle staging file) must be before it is deleted:
+    /// an upload waits this long for the LibraryFile that names it.
+    #[arg(long, default_value_t = 3600)]
+    artifact_gc_grace_seconds: u64,
     #[command(subcommand)]
     admin: Option<Admin>,
 }
@@ -321,6 +328,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     device_store.wait_until_ready().await?;
     settings_store.wait_until_ready().await?;
     tokio::spawn(device::run(ctx.clone()));
+    tokio::spawn(controllers::artifact_gc::run(
+        ctx.clone(),
+        Duration::from_secs(args.artifact_gc_interval_seconds.max(1)),
+        Duration::from_secs(args.artifact_gc_grace_seconds),
+    ));
     if let Some(addr) = args.files_addr {
         let (svc_ns, svc_name, svc_port) = service_ref(&args.files_service)?;
         let proxy = files_api::front_proxy(client.clone()).await?;

@@ -1,5 +1,6 @@
 //! One module per controller.
 
+pub mod artifact_gc;
 pub mod command;
 pub mod device;
 pub mod library;
