@@ -2,8 +2,13 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := e2e/cluster.sh
+## The S3-compatible server the artifact store's S3 backend is tested against, built once
+## into the same cache as the Go-built control plane, keyed by version.
+S3S_FS_VERSION := 0.14.1
+S3S_ROOT := $(or $(LR_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/liveresponse-e2e)/s3s-fs-$(S3S_FS_VERSION)
+S3S_FS := $(S3S_ROOT)/bin/s3s-fs
 
-.PHONY: demo-check all build crds check-crds fmt lint unit fuzz e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs
+.PHONY: s3s-fs demo-check all build crds check-crds fmt lint unit fuzz e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs
 
 all: build
 
@@ -31,9 +36,14 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Unit tests; they include the fuzz tests at LR_FUZZ_CASES cases each (a small default).
-unit:
-	$(CARGO) test --workspace --exclude liveresponse-e2e
+## Builds (once) the s3s-fs binary the S3 backend's test runs against.
+s3s-fs:
+	@test -x $(S3S_FS) || $(CARGO) install s3s-fs --version $(S3S_FS_VERSION) --features binary --locked --root $(S3S_ROOT)
+
+## Unit tests; they include the fuzz tests at LR_FUZZ_CASES cases each (a small default),
+## and the artifact store's S3 backend against a real s3s-fs server.
+unit: s3s-fs
+	LR_S3S_FS=$(S3S_FS) $(CARGO) test --workspace --exclude liveresponse-e2e
 
 FUZZ_CASES ?= 200000
 

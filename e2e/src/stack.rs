@@ -286,6 +286,11 @@ impl Stack {
 
     /// Starts the operator (a no-op when it runs) and waits until its gateway accepts.
     pub fn start_operator(&self) -> Result<()> {
+        self.start_operator_with(&[])
+    }
+
+    /// [`Stack::start_operator`] with extra flags (another artifact store, say).
+    pub fn start_operator_with(&self, extra: &[String]) -> Result<()> {
         if self.operator_pid().is_some() {
             return Ok(());
         }
@@ -325,6 +330,8 @@ impl Stack {
             "--artifact-gc-grace-seconds".into(),
             "20".into(),
         ];
+        let mut args = args;
+        args.extend(extra.iter().cloned());
         let _ = std::fs::remove_file(self.ca_file());
         let start = || -> Result<()> {
             self.spawn("operator", &target_bin("liveresponse-operator"), &args)?;
