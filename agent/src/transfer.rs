@@ -14,28 +14,12 @@ use std::time::Duration;
 use liveresponse_api::proto::{FileChunk, FileSummary};
 use sha2::{Digest, Sha256};
 
-use crate::provider::{ExecContext, ExecError, OpenedFile};
+use crate::provider::{ExecContext, ExecError, OpenedFile, human_size};
 
 /// Bytes per chunk: large enough for throughput, far below the gateway's message limit.
 pub const CHUNK: usize = 1 << 20;
 /// How long to wait for a stream before trying a chunk again.
 const NO_STREAM_WAIT: Duration = Duration::from_millis(200);
-
-/// Shown in messages: `1.5 GiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
 
 /// Sends `opened` from `start`; `resume` is set by a new Execute while this runs; `send`
 /// hands a chunk to the current stream and says whether there was one.
@@ -53,8 +37,8 @@ pub fn send_file(
     if max > 0 && size > max {
         return Err(ExecError::Failed(format!(
             "{path} is {} ({size} bytes), more than this namespace's maxFileSize ({}): ask a settings admin to raise maxFileSize, or collect a part of it",
-            human(size),
-            human(max)
+            human_size(size),
+            human_size(max)
         )));
     }
     let changed = || {
@@ -306,11 +290,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ExecError::Cancelled));
-    }
-
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(human(12), "12 B");
-        assert_eq!(human(3 << 30), "3.0 GiB");
     }
 }

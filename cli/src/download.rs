@@ -44,6 +44,40 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
     }
 }
 
+/// Sends a request to the file API through the API server. A refusal comes back as the
+/// server's own message, with `forbidden_hint` (the role that is missing) after a 403.
+pub async fn send(
+    ctx: &Ctx,
+    req: http::Request<Vec<u8>>,
+    forbidden_hint: &str,
+) -> Result<http::Response<kube::client::Body>> {
+    let resp = ctx.client.send(req.map(Into::into)).await?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+    let text = body
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or(text);
+    let hint = if status == http::StatusCode::FORBIDDEN {
+        format!(" ({forbidden_hint})")
+    } else {
+        String::new()
+    };
+    Err(Error::Usage(format!(
+        "the file API answered {status}: {message}{hint}"
+    )))
+}
+
 pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -> Result<()> {
     let c = ctx
         .commands()
@@ -77,30 +111,13 @@ pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -
         let req = req
             .body(Vec::<u8>::new())
             .map_err(|e| Error::Usage(e.to_string()))?;
-        let resp = ctx.client.send(req.map(Into::into)).await?;
+        let resp = send(
+            ctx,
+            req,
+            "downloads need get on commands/file in files.liveresponse.io: the liveresponse-advanced role",
+        )
+        .await?;
         let status = resp.status();
-        if !status.is_success() {
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-            let text = body
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.get("message")
-                        .and_then(|m| m.as_str())
-                        .map(str::to_string)
-                })
-                .unwrap_or(text);
-            return Err(Error::Usage(format!(
-                "the file API answered {status}: {message}{}",
-                if status == http::StatusCode::FORBIDDEN {
-                    " (downloads need get on commands/file in files.liveresponse.io: the liveresponse-advanced role)"
-                } else {
-                    ""
-                }
-            )));
-        }
         let resumed = status == http::StatusCode::PARTIAL_CONTENT;
         if !resumed {
             have = 0;

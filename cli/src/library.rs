@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use kube::api::{Api, Patch, PatchParams};
 use liveresponse_api::crd::{LibraryFile, LibraryFilePhase};
 use sha2::{Digest, Sha256};
@@ -64,30 +63,12 @@ pub async fn upload(ctx: &Ctx, u: &Upload<'_>) -> Result<()> {
         .header("x-content-sha256", &sha)
         .body(content)
         .map_err(|e| Error::Usage(e.to_string()))?;
-    let resp = ctx.client.send(req.map(Into::into)).await?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-        let text = body
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| {
-                v.get("message")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-            .unwrap_or(text);
-        return Err(Error::Usage(format!(
-            "the file API answered {status}: {message}{}",
-            if status == http::StatusCode::FORBIDDEN {
-                " (uploads need create on libraryfiles/content in files.liveresponse.io: the liveresponse-library-admin role)"
-            } else {
-                ""
-            }
-        )));
-    }
+    crate::download::send(
+        ctx,
+        req,
+        "uploads need create on libraryfiles/content in files.liveresponse.io: the liveresponse-library-admin role",
+    )
+    .await?;
     let api: Api<LibraryFile> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let obj = serde_json::json!({
         "apiVersion": "liveresponse.io/v1alpha1",

@@ -243,3 +243,17 @@ pub async fn set_settings(client: &Client, ns: &str, fields: serde_json::Value) 
     .with_context(|| format!("setting {fields} in {ns}'s LiveResponseSettings"))?;
     Ok(())
 }
+
+/// Runs the console, `kubectl liveresponse ARGS`, as `user`: whether it succeeded, its
+/// stdout and its stderr.
+pub fn cli(cluster: &crate::Cluster, user: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = std::process::Command::new(crate::stack::target_bin("kubectl-liveresponse"))
+        .args(args)
+        .env("KUBECONFIG", cluster.kubeconfig(user))
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}

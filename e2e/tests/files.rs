@@ -149,15 +149,6 @@ pub async fn getfile_resumes_after_the_agent_dies(env: &'static Env) -> Result<(
     result
 }
 
-fn cli(env: &Env, user: &str, args: &[&str]) -> Result<std::process::Output> {
-    Ok(
-        std::process::Command::new(e2e::stack::target_bin("kubectl-liveresponse"))
-            .args(args)
-            .env("KUBECONFIG", env.cluster.kubeconfig(user))
-            .output()?,
-    )
-}
-
 /// `kubectl liveresponse download` through the file API: a user without `commands/file`
 /// is refused by the API server; the analyst's download resumes from a partial file, its
 /// sha256 is the original's, and the API server's audit log names the analyst.
@@ -171,14 +162,13 @@ fn download_through_the_api_server(
     let dir = host_root("download")?;
     let dest = dir.join("evidence.bin");
     let dest_s = dest.to_string_lossy().into_owned();
-    let refused = cli(
-        env,
+    let (refused_ok, _, said) = lr::cli(
+        &env.cluster,
         "analyst-basic",
         &["-n", ns, "download", command, "-o", &dest_s],
     )?;
-    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
     ensure!(
-        !refused.status.success() && said.contains("forbidden"),
+        !refused_ok && said.contains("forbidden"),
         "a basic analyst's download was not refused: {said}"
     );
     // An interrupted earlier download left the first 100 MiB.
@@ -187,16 +177,12 @@ fn download_through_the_api_server(
         let mut part = std::fs::File::create(dir.join("evidence.bin.part"))?;
         std::io::copy(&mut head, &mut part)?;
     }
-    let out = cli(
-        env,
+    let (ok, stdout, stderr) = lr::cli(
+        &env.cluster,
         "analyst-advanced",
         &["-n", ns, "download", command, "-o", &dest_s],
     )?;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    ensure!(out.status.success(), "download failed: {stderr}");
+    ensure!(ok, "download failed: {stderr}");
     ensure!(
         stderr.contains(&format!("at byte {} of", 100u64 << 20)),
         "the download did not resume from the partial file: {stderr}"

@@ -25,6 +25,14 @@ const ALLOWED: &str = include_str!("../../api/testdata/sshsig/allowed_signers");
 const ED25519_SIG: &str = include_str!("../../api/testdata/sshsig/script.sh.ed25519.sig");
 const ECDSA_SIG: &str = include_str!("../../api/testdata/sshsig/script.sh.ecdsa.sig");
 
+/// The fixture's allowed-signers line of the ed25519 key (principal alice@example.com).
+fn alice() -> Result<&'static str> {
+    ALLOWED
+        .lines()
+        .find(|l| l.contains("ssh-ed25519"))
+        .context("the fixture's ed25519 line")
+}
+
 fn sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
@@ -232,10 +240,7 @@ pub async fn config_map_edits_are_followed_and_pins_enforced(env: &'static Env) 
 /// by a key the settings do not list is Invalid and says the key is untrusted.
 pub async fn signatures_are_checked_against_trusted_signers(env: &'static Env) -> Result<()> {
     let ns = "lr-lib-signed";
-    let alice = ALLOWED
-        .lines()
-        .find(|l| l.contains("ssh-ed25519"))
-        .context("the fixture's ed25519 line")?;
+    let alice = alice()?;
     env.stack.tenant(
         ns,
         &format!("  trustedSigners:\n  - {}\n", serde_json::to_string(alice)?),
@@ -326,27 +331,12 @@ pub async fn oversized_content_is_invalid(env: &'static Env) -> Result<()> {
     Ok(())
 }
 
-fn cli(env: &Env, user: &str, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = std::process::Command::new(e2e::stack::target_bin("kubectl-liveresponse"))
-        .args(args)
-        .env("KUBECONFIG", env.cluster.kubeconfig(user))
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
 /// `kubectl liveresponse library upload`: the content goes through the file API (only a
 /// library admin may), a LibraryFile names it by sha256 and the operator verifies the
 /// signature; content over maxLibraryFileSize is refused before it is stored.
 pub async fn upload_through_the_file_api(env: &'static Env) -> Result<()> {
     let ns = "lr-lib-upload";
-    let alice = ALLOWED
-        .lines()
-        .find(|l| l.contains("ssh-ed25519"))
-        .context("the fixture's ed25519 line")?;
+    let alice = alice()?;
     env.stack.tenant(
         ns,
         &format!(
@@ -373,13 +363,13 @@ pub async fn upload_through_the_file_api(env: &'static Env) -> Result<()> {
         &sig_s,
     ];
 
-    let (ok, _, err) = cli(env, "analyst-advanced", &upload)?;
+    let (ok, _, err) = e2e::lr::cli(&env.cluster, "analyst-advanced", &upload)?;
     ensure!(
         !ok && err.contains("forbidden"),
         "an analyst could upload: {err}"
     );
 
-    let (ok, out, err) = cli(env, "library-admin", &upload)?;
+    let (ok, out, err) = e2e::lr::cli(&env.cluster, "library-admin", &upload)?;
     ensure!(ok, "upload failed: {err}");
     ensure!(
         out.contains("libraryfile/triage-script.sh Ready")
@@ -397,8 +387,8 @@ pub async fn upload_through_the_file_api(env: &'static Env) -> Result<()> {
 
     let big = dir.join("big.sh");
     std::fs::write(&big, "#".repeat(8 << 10))?;
-    let (ok, _, err) = cli(
-        env,
+    let (ok, _, err) = e2e::lr::cli(
+        &env.cluster,
         "library-admin",
         &["-n", ns, "library", "upload", &big.to_string_lossy()],
     )?;

@@ -713,6 +713,26 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
 /// namespace, as the tier admission policy does: if that policy's binding is missing, an
 /// advanced verb still fails, here.
 async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), String>> {
+    creator_may(c, ctx, "commands", Some("advanced"), "create", |user, ns| {
+        format!(
+            "{user} may not run the advanced command {}: it needs the liveresponse-advanced role (create on commands/advanced in namespace {ns}); ask your live response administrator for it",
+            c.spec.command
+        )
+    })
+    .await
+}
+
+/// Asks the API server whether the command's creator (the user and groups admission
+/// stamped on it) may `verb` the liveresponse.io `resource` (`/subresource`) in the
+/// command's namespace; when not, the refusal `denied(user, namespace)` words.
+async fn creator_may(
+    c: &Command,
+    ctx: &Context,
+    resource: &str,
+    subresource: Option<&str>,
+    verb: &str,
+    denied: impl FnOnce(&str, &str) -> String,
+) -> Result<Result<(), String>> {
     use k8s_openapi::api::authorization::v1::{
         ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
     };
@@ -736,9 +756,9 @@ async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), Strin
             ),
             resource_attributes: Some(ResourceAttributes {
                 group: Some(liveresponse_api::GROUP.into()),
-                resource: Some("commands".into()),
-                subresource: Some("advanced".into()),
-                verb: Some("create".into()),
+                resource: Some(resource.into()),
+                subresource: subresource.map(str::to_string),
+                verb: Some(verb.into()),
                 namespace: Some(ns.clone()),
                 ..Default::default()
             }),
@@ -752,10 +772,7 @@ async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), Strin
     Ok(if allowed {
         Ok(())
     } else {
-        Err(format!(
-            "{user} may not run the advanced command {}: it needs the liveresponse-advanced role (create on commands/advanced in namespace {ns}); ask your live response administrator for it",
-            c.spec.command
-        ))
+        Err(denied(&user, &ns))
     })
 }
 
@@ -1160,7 +1177,12 @@ async fn answer_here(c: &Command, o: &Observed, ctx: &Context) -> Result<Finish>
                     ),
                 ));
             };
-            if let Err(why) = may(c, ctx, "libraryfiles", "delete").await? {
+            let refusal = |user: &str, ns: &str| {
+                format!(
+                    "{user} may not delete libraryfiles in namespace {ns}: it needs the liveresponse-library-admin role"
+                )
+            };
+            if let Err(why) = creator_may(c, ctx, "libraryfiles", None, "delete", refusal).await? {
                 return Ok(Finish::new(CommandPhase::Failed, "Forbidden", why));
             }
             api.delete(&lf.name_any(), &Default::default()).await?;
@@ -1198,60 +1220,6 @@ async fn answer_here(c: &Command, o: &Observed, ctx: &Context) -> Result<Finish>
         Err(p) => return Ok(Finish::new(CommandPhase::Failed, p.reason(), p.message())),
     }
     Ok(f)
-}
-
-/// Whether the command's creator may `verb` `resource` (liveresponse.io) in its namespace.
-async fn may(c: &Command, ctx: &Context, resource: &str, verb: &str) -> Result<Result<(), String>> {
-    use k8s_openapi::api::authorization::v1::{
-        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
-    };
-    let ns = c.namespace().unwrap_or_default();
-    let user = c
-        .annotations()
-        .get(REQUESTED_BY_ANNOTATION)
-        .cloned()
-        .unwrap_or_default();
-    let groups = c
-        .annotations()
-        .get(REQUESTED_BY_GROUPS_ANNOTATION)
-        .cloned()
-        .unwrap_or_default();
-    if user.is_empty() {
-        return Ok(Err(format!(
-            "the command does not say who created it ({REQUESTED_BY_ANNOTATION})"
-        )));
-    }
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: Some(user.clone()),
-            groups: Some(
-                groups
-                    .split(',')
-                    .filter(|g| !g.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-            ),
-            resource_attributes: Some(ResourceAttributes {
-                group: Some(liveresponse_api::GROUP.into()),
-                resource: Some(resource.into()),
-                verb: Some(verb.into()),
-                namespace: Some(ns.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let answer = Api::<SubjectAccessReview>::all(ctx.client.clone())
-        .create(&Default::default(), &review)
-        .await?;
-    Ok(if answer.status.is_some_and(|s| s.allowed) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{user} may not {verb} {resource} in namespace {ns}: it needs the liveresponse-library-admin role"
-        ))
-    })
 }
 
 /// A finished command lets the session's next commands start and may end an idle session.

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use sha2::Digest;
 
-use crate::provider::{ExecContext, ExecError};
+use crate::provider::{ExecContext, ExecError, human_size};
 
 /// Linux's own limit on symbolic links followed while resolving one path (ELOOP).
 const MAX_SYMLINKS: u32 = 40;
@@ -797,24 +797,6 @@ pub(crate) fn read_prefix(path: &Path, cap: usize) -> io::Result<(Vec<u8>, bool)
 /// `cap` bytes: the hello must not stall on a FIFO or swallow a huge file planted there.
 pub(crate) fn read_small_host_file(root: &Path, device: &str, cap: u64) -> io::Result<String> {
     HostFs::at(root).read_capped(device, cap)
-}
-
-/// "30.0 GiB", "4 MiB": sizes in messages.
-pub(crate) fn human_size(bytes: u64) -> String {
-    const UNITS: &[&str] = &["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else if value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// SHA-256, SHA-1 and MD5 of a host file in one pass, streamed in chunks with a cancel
