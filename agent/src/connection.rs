@@ -94,6 +94,7 @@ impl Connector {
         if tx.send(hello).await.is_err() {
             return Ended::Retry(anyhow!("stream closed"));
         }
+        self.executor.set_channel(Some(channel.clone()));
         let resp = AgentGatewayClient::new(channel)
             .attach(ReceiverStream::new(rx))
             .await;
@@ -207,6 +208,7 @@ impl Connector {
             }
         };
         self.executor.set_sender(None);
+        self.executor.set_channel(None);
         if let Some(b) = beat {
             b.abort();
         }

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::content::{ChannelSlot, Files, Scratch, Verified};
 use crate::logging::{SessionLevels, command_span};
 use crate::provider::{CommandResult, ExecContext, ExecError, Provider};
 
@@ -76,6 +77,18 @@ pub struct Executor {
     levels: SessionLevels,
     /// getfile's bytes per second, when limited.
     transfer_rate: Mutex<Option<u64>>,
+    /// Where putfile and run put library files, and whom they trust.
+    files: Mutex<Files>,
+    /// The current connection's channel, for fetching library files.
+    channel: ChannelSlot,
+}
+
+/// A library file fetched and verified for putfile or run.
+struct Staged {
+    verified: Verified,
+    content: proto::Content,
+    /// run's scratch folder, removed once the script ended.
+    scratch: Option<Scratch>,
 }
 
 impl Executor {
@@ -91,7 +104,26 @@ impl Executor {
             state: Mutex::new(State::default()),
             levels,
             transfer_rate: Mutex::new(None),
+            files: Mutex::new(Files::new(
+                std::env::temp_dir().join("liveresponse-agent"),
+                None,
+            )),
+            channel: ChannelSlot::default(),
         })
+    }
+
+    /// Where putfile and run keep library files, and whom they trust.
+    pub fn set_files(&self, files: Files) {
+        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
+    }
+
+    fn files(&self) -> Files {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The channel of the current connection (library files are fetched over it).
+    pub fn set_channel(&self, channel: Option<tonic::transport::Channel>) {
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = channel;
     }
 
     /// Limits getfile to this many bytes per second.
@@ -276,33 +308,43 @@ impl Executor {
                     .then(|| Instant::now() + Duration::from_secs(u64::from(exec.timeout_seconds))),
                 notes: Arc::default(),
             };
-            let me = self.clone();
-            // The blocking thread does not inherit the task's span; the provider's lines
-            // must still name the command.
-            let span = tracing::Span::current();
-            let deadline = ctx.deadline;
-            let stop = ctx.cancelled.clone();
-            let transfer = (name == "getfile").then(|| Transfer {
-                uid: uid.clone(),
-                start: exec.resume_offset,
-                max: exec.max_file_bytes,
-                resume,
-            });
-            let work = move || {
-                span.in_scope(|| match transfer {
-                    Some(t) => me.getfile(&ctx, &inv, t),
-                    None => me.provider.execute(&ctx, &inv),
-                })
-            };
-            let mut worker = tokio::task::spawn_blocking(work);
-            tokio::select! {
-                joined = &mut worker => match joined {
-                    Ok(r) => r,
-                    Err(e) => Err(ExecError::Failed(format!("the command crashed: {e}"))),
-                },
-                why = stopped(stop, deadline) => {
-                    self.abandon(&uid, exec, worker);
-                    Err(why)
+            match self.stage(exec, name, &ctx).await {
+                Err(e) => Err(e),
+                Ok(staged) => {
+                    let me = self.clone();
+                    // The blocking thread does not inherit the task's span; the provider's
+                    // lines must still name the command.
+                    let span = tracing::Span::current();
+                    let deadline = ctx.deadline;
+                    let stop = ctx.cancelled.clone();
+                    let transfer = (name == "getfile").then(|| Transfer {
+                        uid: uid.clone(),
+                        start: exec.resume_offset,
+                        max: exec.max_file_bytes,
+                        resume,
+                    });
+                    let max_output = usize::try_from(exec.max_output_bytes)
+                        .ok()
+                        .filter(|m| *m > 0)
+                        .unwrap_or(64 << 20);
+                    let work = move || {
+                        span.in_scope(|| match (transfer, staged) {
+                            (Some(t), _) => me.getfile(&ctx, &inv, t),
+                            (None, Some(s)) => me.use_content(&ctx, &inv, s, max_output),
+                            (None, None) => me.provider.execute(&ctx, &inv),
+                        })
+                    };
+                    let mut worker = tokio::task::spawn_blocking(work);
+                    tokio::select! {
+                        joined = &mut worker => match joined {
+                            Ok(r) => r,
+                            Err(e) => Err(ExecError::Failed(format!("the command crashed: {e}"))),
+                        },
+                        why = stopped(stop, deadline) => {
+                            self.abandon(&uid, exec, worker);
+                            Err(why)
+                        }
+                    }
                 }
             }
         };
@@ -324,15 +366,14 @@ impl Executor {
                     }
                     let mut events =
                         succeeded(&uid2, text.into_bytes(), r.working_directory, r.warnings);
-                    if let Some(file) = r.file {
-                        for e in &mut events {
-                            if let Some(agent_message::Msg::Event(CommandEvent {
-                                event: Some(command_event::Event::Completed(c)),
-                                ..
-                            })) = &mut e.msg
-                            {
-                                c.file = Some(file.clone());
-                            }
+                    for e in &mut events {
+                        if let Some(agent_message::Msg::Event(CommandEvent {
+                            event: Some(command_event::Event::Completed(c)),
+                            ..
+                        })) = &mut e.msg
+                        {
+                            c.file = r.file.clone();
+                            c.exit_code = r.exit_code.unwrap_or(0);
                         }
                     }
                     events
@@ -391,6 +432,130 @@ impl Executor {
             tracing::info!(%uid, "an abandoned worker returned at last");
             me.state().stuck.remove(&uid);
         });
+    }
+
+    /// putfile and run: fetches the library file named in `exec.content` and verifies it
+    /// (size, SHA-256, signature) before anything uses it. Other commands stage nothing.
+    async fn stage(
+        &self,
+        exec: &Execute,
+        name: &str,
+        ctx: &ExecContext,
+    ) -> Result<Option<Staged>, ExecError> {
+        if !matches!(name, "putfile" | "run") {
+            return Ok(None);
+        }
+        let content = exec.content.clone().ok_or_else(|| {
+            ExecError::Failed(format!(
+                "the operator sent {name} without its library file; the operator is older than this agent"
+            ))
+        })?;
+        if !crate::content::is_plain_name(&content.file_name) {
+            return Err(ExecError::InvalidArgument(format!(
+                "library file {} has the file name {:?}, which is not a plain file name",
+                content.name, content.file_name
+            )));
+        }
+        let files = self.files();
+        let (dest, scratch) = if name == "putfile" {
+            std::fs::create_dir_all(&files.drop_dir).map_err(|e| {
+                ExecError::Failed(format!("cannot create {}: {e}", files.drop_dir.display()))
+            })?;
+            let part = files
+                .drop_dir
+                .join(format!(".liveresponse-{}.part", exec.command_uid.replace('/', "_")));
+            let _ = std::fs::remove_file(&part);
+            (part, None)
+        } else {
+            let scratch = Scratch::new(&files.state_dir.join("run"), &exec.command_uid)?;
+            (scratch.0.join(&content.file_name), Some(scratch))
+        };
+        let slot = self.channel.clone();
+        let channel = move || slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tracing::info!(library = %content.name, size = content.size, sha256 = %content.sha256, "fetching a library file");
+        let fetched = crate::content::fetch(
+            channel,
+            &exec.command_uid,
+            &content,
+            &dest,
+            &ctx.cancelled,
+            ctx.deadline,
+        )
+        .await;
+        let verified = fetched.and_then(|()| {
+            crate::content::verify(&dest, &content, files.own_signers.as_deref())
+        });
+        match verified {
+            Ok(verified) => {
+                tracing::info!(library = %content.name, signer = verified.signer.as_deref().unwrap_or(""), "library file verified");
+                Ok(Some(Staged {
+                    verified,
+                    content,
+                    scratch,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(library = %content.name, error = %e, "library file refused");
+                let _ = std::fs::remove_file(&dest);
+                Err(e)
+            }
+        }
+    }
+
+    /// putfile puts the verified file into the drop folder; run runs it.
+    fn use_content(
+        &self,
+        ctx: &ExecContext,
+        inv: &Invocation,
+        staged: Staged,
+        max_output: usize,
+    ) -> Result<CommandResult, ExecError> {
+        let v = &staged.verified;
+        if inv.spec.name == "putfile" {
+            let files = self.files();
+            let keep = inv.has_flag("keep");
+            let placed = crate::content::place(
+                &files,
+                v,
+                &staged.content.file_name,
+                inv.has_flag("overwrite"),
+                keep,
+            );
+            if placed.is_err() {
+                let _ = std::fs::remove_file(&v.path);
+            }
+            let path = placed?;
+            tracing::info!(path = %path.display(), size = v.size, keep, "library file put on the device");
+            return Ok(CommandResult::with_records(vec![serde_json::json!({
+                "path": path.display().to_string(),
+                "size": v.size,
+                "sha256": v.sha256,
+                "signer": v.signer,
+                "kept": keep,
+            })]));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&v.path, std::fs::Permissions::from_mode(0o700)).map_err(
+                |e| ExecError::Failed(format!("cannot make {} executable: {e}", v.path.display())),
+            )?;
+        }
+        // One argument, exactly as given: no splitting, no shell.
+        let params: Vec<String> = inv.get("parameters").map(str::to_string).into_iter().collect();
+        let wd = ctx
+            .host_root
+            .join(ctx.working_directory.trim_start_matches('/'));
+        let cwd = if wd.is_dir() {
+            wd
+        } else {
+            staged.scratch.as_ref().map_or_else(|| ctx.host_root.clone(), |s| s.0.clone())
+        };
+        let r = self
+            .provider
+            .run_script(ctx, &v.path, &params, &cwd, max_output / 2);
+        drop(staged);
+        r
     }
 
     /// Streams a file to the operator (on a blocking thread): chunks go to whatever

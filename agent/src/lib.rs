@@ -2,6 +2,7 @@
 //! and one provider per operating system.
 
 pub mod connection;
+pub mod content;
 pub mod enroll;
 pub mod executor;
 pub mod logging;

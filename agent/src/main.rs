@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use liveresponse_agent::connection::{Connector, hello};
+use liveresponse_agent::content::Files;
 use liveresponse_agent::enroll::{Identityfiles, enroll};
 use liveresponse_agent::executor::Executor;
 use liveresponse_agent::logging::{SessionLevels, json_layer};
@@ -46,6 +47,14 @@ struct Args {
     /// not fill a slow or shared link. Unlimited when unset.
     #[arg(long, env = "LR_TRANSFER_RATE_LIMIT", value_parser = parse_rate)]
     transfer_rate_limit: Option<u64>,
+    /// Folder putfile puts library files in (default: `drop` in the state folder). Files
+    /// put without `-keep` are removed when the agent starts again.
+    #[arg(long, env = "LR_DROP_DIR")]
+    drop_dir: Option<PathBuf>,
+    /// An SSH allowed-signers file: when given, putfile and run accept only library files
+    /// signed by one of its keys, whatever the namespace's settings say.
+    #[arg(long, env = "LR_TRUSTED_SIGNERS")]
+    trusted_signers: Option<PathBuf>,
     /// Protocol version to announce (only to test how an incompatible agent is refused).
     #[arg(long, hide = true)]
     protocol_version: Option<u32>,
@@ -151,6 +160,23 @@ async fn run(args: Args, levels: SessionLevels) -> Result<()> {
         levels,
     );
     executor.set_transfer_rate(args.transfer_rate_limit);
+    let mut library = Files::new(args.state_dir.clone(), args.drop_dir.clone());
+    if let Some(path) = &args.trusted_signers {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --trusted-signers {}", path.display()))?;
+        let lines: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect();
+        liveresponse_api::signing::parse_signers(&lines)
+            .map_err(|e| anyhow::anyhow!("--trusted-signers {}: {e}", path.display()))?;
+        tracing::info!(file = %path.display(), signers = lines.len(), "only library files signed by these keys are used");
+        library.own_signers = Some(lines);
+    }
+    library.clean_drop();
+    executor.set_files(library);
     let mut hello = hello(&executor, &args.host_root);
     if let Some(v) = args.protocol_version {
         hello.protocol_version = v;

@@ -14,7 +14,8 @@ use kube::runtime::reflector::ObjectRef;
 use liveresponse_api::crd::{Command, Device, DeviceSpec, Enrollment, LiveResponseSettings};
 use liveresponse_api::proto::agent_gateway_server::AgentGateway;
 use liveresponse_api::proto::{
-    AgentMessage, Cancel, CancelReason, EnrollRequest, EnrollResponse, Execute, Hello,
+    AgentMessage, Cancel, CancelReason, ContentChunk, EnrollRequest, EnrollResponse, Execute,
+    FetchRequest, Hello,
     OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, RenewRequest, Renewed, Welcome,
     agent_message, command_event, operator_message,
 };
@@ -161,6 +162,8 @@ struct InFlight {
     file: Option<Arc<Mutex<FileSink>>>,
     /// When the command was last woken for progress.
     progress_woken: Option<Instant>,
+    /// putfile and run: the library file the agent may fetch while this is in flight.
+    content: Option<content::ContentSource>,
 }
 
 /// How often a transfer wakes its command to record progress.
@@ -327,6 +330,11 @@ impl Gateway {
         } else {
             None
         };
+        let content = exec.content.as_ref().map(|c| content::ContentSource {
+            namespace: target.namespace.clone(),
+            library: c.name.clone(),
+            size: c.size,
+        });
         let msg = OperatorMessage {
             msg: Some(operator_message::Msg::Execute(exec)),
         };
@@ -346,6 +354,7 @@ impl Gateway {
                         cancel_sent: None,
                         file,
                         progress_woken: None,
+                        content,
                     },
                 );
                 Ok(())
@@ -1155,6 +1164,20 @@ impl AgentGateway for GatewayService {
     }
 
     type AttachStream = ReceiverStream<Result<OperatorMessage, Status>>;
+    type FetchStream = ReceiverStream<Result<ContentChunk, Status>>;
+
+    async fn fetch(
+        &self,
+        req: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let (device, _, _) = self.0.authenticate(req.peer_certs()).await?;
+        let ask = req.into_inner();
+        let source = self.0.content_source(&device, &ask.command_uid)?;
+        tracing::info!(uid = %ask.command_uid, library = %source.library, offset = ask.offset, "serving a library file to its device");
+        content::serve(self.0.clone(), source, ask.offset)
+            .await
+            .map(Response::new)
+    }
 
     async fn attach(
         &self,
@@ -1276,6 +1299,7 @@ impl AgentGateway for GatewayService {
     }
 }
 
+mod content;
 #[cfg(test)]
 mod fuzz;
 

@@ -93,6 +93,8 @@ pub struct CommandResult {
     pub warnings: Vec<String>,
     /// getfile: what was sent.
     pub file: Option<liveresponse_api::proto::FileSummary>,
+    /// run: the script's exit code (a command that ran is otherwise 0).
+    pub exit_code: Option<i32>,
 }
 
 impl CommandResult {
@@ -153,6 +155,23 @@ pub trait Provider: Send + Sync {
         let _ = (ctx, path);
         Err(ExecError::NotSupported {
             command: "getfile".to_owned(),
+            os: self.os().to_owned(),
+        })
+    }
+    /// Runs a verified library script (`run`): `params` as its arguments, never through a
+    /// shell; cancel and timeout stop its whole process tree. Output is kept up to
+    /// `max_output` bytes per stream.
+    fn run_script(
+        &self,
+        ctx: &ExecContext,
+        script: &std::path::Path,
+        params: &[String],
+        cwd: &std::path::Path,
+        max_output: usize,
+    ) -> Result<CommandResult, ExecError> {
+        let _ = (ctx, script, params, cwd, max_output);
+        Err(ExecError::NotSupported {
+            command: "run".to_owned(),
             os: self.os().to_owned(),
         })
     }

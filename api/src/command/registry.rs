@@ -987,7 +987,7 @@ static REGISTRY: &[CommandSpec] = &[
             ),
             flag(
                 "keep",
-                "Keep the file on the device after the session ends.",
+                "Keep the file on the device when the agent restarts.",
             ),
         ],
         prerequisites: &[],
@@ -999,9 +999,9 @@ static REGISTRY: &[CommandSpec] = &[
         background_allowed: true,
         timeout: TimeoutClass::Normal,
         summary: "Copy a library file to the device",
-        help: "The agent checks the sha256 and, unless unsigned scripts are allowed, the signature before writing the file to its downloads directory, which is emptied when the session ends.",
+        help: "The agent fetches the file from the operator and checks its size, sha256 and, unless unsigned files are allowed, its signature before it writes it to its drop folder (the agent's --drop-dir). Files put without -keep are removed when the agent restarts.",
         examples: &[
-            "putfile collect-logs.ps1",
+            "putfile collect-logs.sh",
             "putfile triage.sh -overwrite -keep",
         ],
     },
@@ -1073,7 +1073,7 @@ static REGISTRY: &[CommandSpec] = &[
         named: &[optional(
             "parameters",
             ValueKind::Text,
-            "Arguments for the script, split like a command line; quote them as one value.",
+            "One argument for the script, passed as it is: no shell and no splitting, so ; & | $ ( ) arrive literally.",
         )],
         flags: NONE_FLAGS,
         prerequisites: &[],
@@ -1085,10 +1085,10 @@ static REGISTRY: &[CommandSpec] = &[
         background_allowed: true,
         timeout: TimeoutClass::Long,
         summary: "Run a library script on the device",
-        help: "The script is verified like putfile, then started without a shell, so its parameters need no escaping beyond the console's quotes.",
+        help: "The script is fetched and verified like putfile (size, sha256, signature), then started without a shell: by its #! line, or by its extension (.sh, .py, .pl...). Its stdout, stderr and exit code are the result; cancel stops the whole process tree.",
         examples: &[
-            "run collect-logs.ps1",
-            "run collect-logs.ps1 -parameters \"-Verbose -Path C:\\Temp\"",
+            "run collect-logs.sh",
+            "run collect-logs.sh -parameters \"/var/log/auth.log\"",
         ],
     },
     CommandSpec {

@@ -47,6 +47,8 @@ pub struct Limits {
     pub max_output: u64,
     /// Largest file getfile may pull.
     pub max_file_size: u64,
+    /// Largest library file putfile may push.
+    pub max_put_file_size: u64,
 }
 
 impl Limits {
@@ -61,6 +63,7 @@ impl Limits {
                 .unwrap_or(Duration::from_secs(720 * 3600)),
             max_output: parse_size(&s.max_output_size).unwrap_or(64 << 20),
             max_file_size: parse_size(&s.max_file_size).unwrap_or(3 << 30),
+            max_put_file_size: parse_size(&s.max_put_file_size).unwrap_or(300 << 20),
         }
     }
 }
@@ -126,6 +129,8 @@ pub struct Observed {
     /// The API server's answer, asked again by the operator, whether the requester may run
     /// this verb (advanced verbs only): defence in depth behind the admission policies.
     pub access: Result<(), String>,
+    /// putfile and run: the library file as validated, or why it cannot be used.
+    pub content: Option<Result<proto::Content, String>>,
 }
 
 /// One execution to send to the agent.
@@ -415,6 +420,9 @@ fn decide_queued(
     {
         return Decision::AnswerHere;
     }
+    if let Some(Err(why)) = &o.content {
+        return fail(CommandPhase::Failed, "LibraryFileUnusable", why.clone());
+    }
     if offline {
         return offline_wait;
     }
@@ -685,6 +693,12 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
         }
         _ => Ok(()),
     };
+    let content = match (&parsed, &session) {
+        (Ok(inv), Some(_)) if !final_phase && matches!(inv.spec.name, "putfile" | "run") => {
+            Some(library_content(inv, &ns, &limits, ctx).await?)
+        }
+        _ => None,
+    };
     let exec = current_execution(c, parsed.as_ref().ok());
     let uid = c.uid().unwrap_or_default();
     let inflight = ctx.gateway.inflight(&exec.uid);
@@ -706,7 +720,67 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
             progress: ctx.gateway.progress(&exec.uid),
         },
         access,
+        content,
     })
+}
+
+/// The library file a putfile or run names, as its controller validated it, with what the
+/// device needs to check it again: found by file name (or object name), Ready for its
+/// current generation, and within maxPutFileSize for putfile.
+async fn library_content(
+    inv: &Invocation,
+    ns: &str,
+    limits: &Limits,
+    ctx: &Context,
+) -> Result<Result<proto::Content, String>> {
+    use liveresponse_api::crd::{LibraryFile, LibraryFilePhase};
+    let wanted = inv.get("name").unwrap_or_default();
+    let api: Api<LibraryFile> = Api::namespaced(ctx.client.clone(), ns);
+    let files = api.list(&Default::default()).await?.items;
+    let Some(lf) = files
+        .iter()
+        .find(|f| f.spec.file_name == wanted)
+        .or_else(|| files.iter().find(|f| f.name_any() == wanted))
+    else {
+        return Ok(Err(format!(
+            "no library file named {wanted} in namespace {ns}; `library` lists them, and `kubectl liveresponse library upload` adds one"
+        )));
+    };
+    let st = lf.status.clone().unwrap_or_default();
+    let current = st.observed_generation == lf.metadata.generation;
+    let (Some(LibraryFilePhase::Ready), true, Some(sha), Some(size)) =
+        (st.phase, current, st.sha256.clone(), st.size)
+    else {
+        let why = st
+            .message
+            .clone()
+            .unwrap_or_else(|| "it has not been validated yet; try again in a moment".into());
+        return Ok(Err(format!(
+            "library file {} is not ready: {why}",
+            lf.name_any()
+        )));
+    };
+    let size = u64::try_from(size).unwrap_or_default();
+    if inv.spec.name == "putfile" && size > limits.max_put_file_size {
+        return Ok(Err(format!(
+            "library file {} is {size} bytes, more than the namespace's maxPutFileSize ({} bytes); ask a settings admin to raise maxPutFileSize",
+            lf.name_any(),
+            limits.max_put_file_size
+        )));
+    }
+    let settings = ctx
+        .settings_of(ns)
+        .map(|s| s.spec.clone())
+        .unwrap_or_default();
+    Ok(Ok(proto::Content {
+        name: lf.name_any(),
+        file_name: lf.spec.file_name.clone(),
+        size,
+        sha256: sha,
+        signature: lf.spec.signature.clone().unwrap_or_default(),
+        trusted_signers: settings.trusted_signers,
+        allow_unsigned: settings.allow_unsigned_scripts,
+    }))
 }
 
 /// Asks the API server whether the command's creator may create `commands/advanced` in its
@@ -858,6 +932,7 @@ async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> 
                 // Set by the gateway from what it holds in staging.
                 resume_offset: 0,
                 max_file_bytes: o.limits.max_file_size,
+                content: o.content.clone().and_then(|c| c.ok()),
             };
             let sent = ctx.gateway.execute(target, msg);
             if let Err(SendError::Staging(why)) = &sent {

@@ -88,6 +88,7 @@ fn obs(c: &Command) -> Observed {
         blocked_by_earlier: None,
         exec: ExecState::default(),
         access: Ok(()),
+        content: None,
     }
 }
 

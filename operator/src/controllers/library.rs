@@ -258,13 +258,25 @@ async fn fetch(
     limit: u64,
 ) -> Result<Result<Vec<u8>, FetchProblem>> {
     let ns = lf.namespace().unwrap_or_default();
-    let src = &lf.spec.source;
+    read_source(&ctx.client, &ctx.artifacts, &ns, &lf.spec.source, limit).await
+}
+
+/// Reads a library source as it is now (the gateway serves devices from it too, so what a
+/// device gets is the source's current content, which the device checks against the pin).
+pub async fn read_source(
+    client: &kube::Client,
+    artifacts: &crate::artifacts::ArtifactStore,
+    ns: &str,
+    src: &liveresponse_api::crd::LibrarySource,
+    limit: u64,
+) -> Result<Result<Vec<u8>, FetchProblem>> {
+    let ns = ns.to_string();
     if let Some(text) = &src.inline {
         return Ok(bounded(text.clone().into_bytes(), limit));
     }
     if let Some(r) = &src.config_map_ref {
         // A ConfigMap is at most 1 MiB and the API server returns it whole.
-        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
         let Some(cm) = api.get_opt(&r.name).await? else {
             return Ok(Err(FetchProblem::Missing(format!(
                 "ConfigMap {} does not exist in namespace {ns}; create it, or fix spec.source.configMapRef",
@@ -289,7 +301,7 @@ async fn fetch(
         });
     }
     if let Some(r) = &src.secret_ref {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
         let Some(secret) = api.get_opt(&r.name).await? else {
             return Ok(Err(FetchProblem::Missing(format!(
                 "Secret {} does not exist in namespace {ns}; create it, or fix spec.source.secretRef",
@@ -305,13 +317,13 @@ async fn fetch(
         });
     }
     if let Some(sha) = &src.artifact {
-        return match ctx.artifacts.read_bounded(sha, limit).await {
+        return match artifacts.read_bounded(sha, limit).await {
             Ok(Some(bytes)) => Ok(Ok(bytes)),
             Ok(None) => Ok(Err(FetchProblem::Missing(format!(
                 "no artifact {sha} is uploaded; upload the file with `kubectl liveresponse library upload`, or fix spec.source.artifact"
             )))),
             Err(StoreError::TooLarge { limit }) => Ok(Err(FetchProblem::TooLarge {
-                size: ctx.artifacts.size_of(sha).await.ok().flatten(),
+                size: artifacts.size_of(sha).await.ok().flatten(),
                 limit,
             })),
             Err(StoreError::DigestMismatch { got, .. }) => {

@@ -15,6 +15,7 @@ mod hostfs;
 mod network;
 mod persistence;
 mod processes;
+mod scripts;
 mod system;
 
 #[cfg(test)]
@@ -34,6 +35,8 @@ const COMMANDS: &[&str] = &[
     "getfile",
     "persistence",
     "processes",
+    "putfile",
+    "run",
     "scheduledtasks",
     "services",
     "startupfolders",
@@ -61,6 +64,17 @@ impl Provider for LinuxProvider {
         files::open_for_transfer(ctx, path)
     }
 
+    fn run_script(
+        &self,
+        ctx: &ExecContext,
+        script: &std::path::Path,
+        params: &[String],
+        cwd: &std::path::Path,
+        max_output: usize,
+    ) -> Result<CommandResult, ExecError> {
+        scripts::run_script(ctx, script, params, cwd, max_output)
+    }
+
     fn execute(&self, ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
         ctx.check()?;
         let mut result = match inv.spec.name {
@@ -76,9 +90,10 @@ impl Provider for LinuxProvider {
             "startupfolders" => persistence::startupfolders(ctx),
             "persistence" => persistence::persistence(ctx),
             // Streamed by the executor through open_file, not answered as records.
-            "getfile" => Err(ExecError::Failed(
-                "getfile is streamed by the agent's executor".to_owned(),
-            )),
+            "getfile" | "putfile" | "run" => Err(ExecError::Failed(format!(
+                "{} is carried out by the agent's executor",
+                inv.spec.name
+            ))),
             other => Err(ExecError::NotSupported {
                 command: other.to_owned(),
                 os: "linux".to_owned(),

@@ -1,0 +1,168 @@
+//! Serving library files to the devices that run `putfile` and `run` (the `Fetch` call).
+//!
+//! The gateway serves the source as it is at the moment of the call: an uploaded artifact
+//! straight from the store (streamed, never whole in memory), a ConfigMap, Secret or inline
+//! text as the API server has it now. It does not check the bytes against the digest
+//! pinned when the file became Ready: the device does that, with the digest and signature
+//! it got in `Execute.content`, so neither a changed source nor an altered store can make a
+//! device write or run what was not validated.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::api::Api;
+use liveresponse_api::crd::LibraryFile;
+use liveresponse_api::proto::ContentChunk;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{DeviceKey, Gateway};
+use crate::controllers::library::{FetchProblem, read_source};
+
+/// Chunks a device receives: small enough to interleave with other streams.
+const CHUNK: usize = 1 << 20;
+/// Chunks read ahead of the device: the channel is the back-pressure.
+const AHEAD: usize = 4;
+
+/// Which library file an in-flight command may fetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentSource {
+    pub namespace: String,
+    /// The LibraryFile's name.
+    pub library: String,
+    /// Its size when the command was sent: never serve more.
+    pub size: u64,
+}
+
+impl Gateway {
+    /// The library file `uid` may fetch, if it is a putfile or run in flight on `device`.
+    /// Anything else is refused alike, so a device learns nothing of other commands.
+    pub(super) fn content_source(
+        &self,
+        device: &DeviceKey,
+        uid: &str,
+    ) -> Result<ContentSource, Status> {
+        let st = self.state();
+        st.inflight
+            .get(uid)
+            .filter(|f| &f.target.device == device)
+            .and_then(|f| f.content.clone())
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "no putfile or run {uid} is in flight for device {}",
+                    device.1
+                ))
+            })
+    }
+}
+
+/// Streams the source of `src` from `offset`.
+pub(super) async fn serve(
+    gw: Arc<Gateway>,
+    src: ContentSource,
+    offset: u64,
+) -> Result<ReceiverStream<Result<ContentChunk, Status>>, Status> {
+    let store = gw
+        .artifacts
+        .get()
+        .cloned()
+        .ok_or_else(|| Status::unavailable("the operator has no artifact store"))?;
+    let api: Api<LibraryFile> = Api::namespaced(gw.client.clone(), &src.namespace);
+    let lf = api
+        .get_opt(&src.library)
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot read the library file: {e}")))?
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "library file {} was deleted while the command ran",
+                src.library
+            ))
+        })?;
+    let (tx, rx) = mpsc::channel(AHEAD);
+    if offset > src.size {
+        return Err(Status::out_of_range(format!(
+            "offset {offset} is past the file's {} bytes",
+            src.size
+        )));
+    }
+    if let Some(sha) = lf.spec.source.artifact.clone() {
+        // One byte more than validated, so a longer object shows as such on the device.
+        let end = src.size.saturating_add(1);
+        let reading = store
+            .get(&sha, Some(offset..end.max(offset + 1)))
+            .await
+            .map_err(|e| Status::unavailable(format!("the artifact store failed: {e}")))?
+            .ok_or_else(|| Status::not_found(format!("artifact {sha} is gone from the store")))?;
+        tokio::spawn(async move {
+            let mut body = reading.body;
+            while let Some(part) = body.next().await {
+                let msg = match part {
+                    Ok(bytes) => {
+                        let mut ok = true;
+                        for piece in bytes.chunks(CHUNK) {
+                            if tx
+                                .send(Ok(ContentChunk {
+                                    data: piece.to_vec(),
+                                }))
+                                .await
+                                .is_err()
+                            {
+                                ok = false;
+                                break;
+                            }
+                        }
+                        if ok {
+                            continue;
+                        }
+                        return;
+                    }
+                    Err(e) => Err(Status::unavailable(format!(
+                        "the artifact store failed while reading: {e}"
+                    ))),
+                };
+                let _ = tx.send(msg).await;
+                return;
+            }
+        });
+        return Ok(ReceiverStream::new(rx));
+    }
+    // A ConfigMap, Secret or inline text: at most about 1 MiB, as the API server has it.
+    let bytes = match read_source(
+        &gw.client,
+        &store,
+        &src.namespace,
+        &lf.spec.source,
+        src.size.saturating_add(1),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(FetchProblem::TooLarge { .. })) => {
+            return Err(Status::failed_precondition(
+                "the library file grew past the size it was validated at",
+            ));
+        }
+        Ok(Err(FetchProblem::Missing(m) | FetchProblem::Unusable(m))) => {
+            return Err(Status::not_found(m));
+        }
+        Err(e) => return Err(Status::unavailable(e.to_string())),
+    };
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    tokio::spawn(async move {
+        for piece in bytes[start..].chunks(CHUNK) {
+            if tx
+                .send(Ok(ContentChunk {
+                    data: piece.to_vec(),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
