@@ -56,7 +56,9 @@ impl Files {
         for name in text.lines().filter(|n| is_plain_name(n)) {
             let path = self.drop_dir.join(name);
             match std::fs::remove_file(&path) {
-                Ok(()) => tracing::info!(path = %path.display(), "removed a file putfile put without -keep"),
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a file putfile put without -keep")
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remove a file putfile put without -keep")
@@ -137,8 +139,7 @@ pub async fn fetch(
             last_error = "not connected to the gateway".into();
             continue;
         };
-        let mut client =
-            AgentGatewayClient::new(ch).max_decoding_message_size(4 << 20);
+        let mut client = AgentGatewayClient::new(ch).max_decoding_message_size(4 << 20);
         let mut stream = match client
             .fetch(FetchRequest {
                 command_uid: uid.to_string(),
@@ -166,7 +167,10 @@ pub async fn fetch(
                     written += chunk.data.len() as u64;
                     // More than was validated can only be refused; stop reading it.
                     if written > content.size {
-                        return Err(refusal(content, &format!("more than {} bytes", content.size)));
+                        return Err(refusal(
+                            content,
+                            &format!("more than {} bytes", content.size),
+                        ));
                     }
                     file.write_all(&chunk.data).map_err(|e| {
                         ExecError::Failed(format!("cannot write {}: {e}", dest.display()))
@@ -308,8 +312,9 @@ pub fn place(
     files
         .mark_temporary(file_name, keep)
         .map_err(|e| ExecError::Failed(format!("cannot record the drop folder's files: {e}")))?;
-    std::fs::rename(&staged.path, &dest)
-        .map_err(|e| ExecError::Failed(format!("cannot move the file to {}: {e}", dest.display())))?;
+    std::fs::rename(&staged.path, &dest).map_err(|e| {
+        ExecError::Failed(format!("cannot move the file to {}: {e}", dest.display()))
+    })?;
     Ok(dest)
 }
 
@@ -320,7 +325,13 @@ impl Scratch {
     pub fn new(parent: &Path, uid: &str) -> Result<Self, ExecError> {
         let safe: String = uid
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let dir = parent.join(safe);
         let _ = std::fs::remove_dir_all(&dir);
@@ -382,7 +393,10 @@ mod tests {
             ..c.clone()
         };
         let e = verify(&p, &strict, None).expect_err("unsigned");
-        assert!(e.to_string().contains("allowUnsignedScripts is false"), "{e}");
+        assert!(
+            e.to_string().contains("allowUnsignedScripts is false"),
+            "{e}"
+        );
         // The agent's own signers win over the operator's permission.
         let e = verify(&p, &c, Some(&[])).expect_err("own signers");
         assert!(e.to_string().contains("--trusted-signers"), "{e}");
@@ -406,7 +420,10 @@ mod tests {
         assert_eq!(std::fs::read(&dest).expect("read"), b"two");
         place(&files, &stage(b"kept"), "b.txt", false, true).expect("kept");
         files.clean_drop();
-        assert!(!dest.exists(), "a non-kept file is removed at the next start");
+        assert!(
+            !dest.exists(),
+            "a non-kept file is removed at the next start"
+        );
         assert!(files.drop_dir.join("b.txt").exists(), "-keep survives");
     }
 

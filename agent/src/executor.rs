@@ -461,9 +461,10 @@ impl Executor {
             std::fs::create_dir_all(&files.drop_dir).map_err(|e| {
                 ExecError::Failed(format!("cannot create {}: {e}", files.drop_dir.display()))
             })?;
-            let part = files
-                .drop_dir
-                .join(format!(".liveresponse-{}.part", exec.command_uid.replace('/', "_")));
+            let part = files.drop_dir.join(format!(
+                ".liveresponse-{}.part",
+                exec.command_uid.replace('/', "_")
+            ));
             let _ = std::fs::remove_file(&part);
             (part, None)
         } else {
@@ -482,9 +483,8 @@ impl Executor {
             ctx.deadline,
         )
         .await;
-        let verified = fetched.and_then(|()| {
-            crate::content::verify(&dest, &content, files.own_signers.as_deref())
-        });
+        let verified = fetched
+            .and_then(|()| crate::content::verify(&dest, &content, files.own_signers.as_deref()));
         match verified {
             Ok(verified) => {
                 tracing::info!(library = %content.name, signer = verified.signer.as_deref().unwrap_or(""), "library file verified");
@@ -542,14 +542,21 @@ impl Executor {
             )?;
         }
         // One argument, exactly as given: no splitting, no shell.
-        let params: Vec<String> = inv.get("parameters").map(str::to_string).into_iter().collect();
+        let params: Vec<String> = inv
+            .get("parameters")
+            .map(str::to_string)
+            .into_iter()
+            .collect();
         let wd = ctx
             .host_root
             .join(ctx.working_directory.trim_start_matches('/'));
         let cwd = if wd.is_dir() {
             wd
         } else {
-            staged.scratch.as_ref().map_or_else(|| ctx.host_root.clone(), |s| s.0.clone())
+            staged
+                .scratch
+                .as_ref()
+                .map_or_else(|| ctx.host_root.clone(), |s| s.0.clone())
         };
         let r = self
             .provider

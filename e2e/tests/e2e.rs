@@ -18,6 +18,7 @@ mod hostile;
 mod library;
 mod live;
 mod pipeline;
+mod scripts;
 
 use std::path::PathBuf;
 
@@ -114,6 +115,9 @@ fn main() {
         library::signatures_are_checked_against_trusted_signers,
         library::oversized_content_is_invalid,
         library::upload_through_the_file_api,
+        scripts::run_checks_signatures_and_passes_parameters_literally,
+        scripts::cancel_stops_the_scripts_process_tree,
+        scripts::putfile_overwrites_only_when_asked_and_keeps_only_when_asked,
     ];
     let serial = trials![
         env,

@@ -33,11 +33,11 @@ fn alice() -> Result<&'static str> {
         .context("the fixture's ed25519 line")
 }
 
-fn sha(b: &[u8]) -> String {
+pub(crate) fn sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-fn spec(file_name: &str, source: LibrarySource) -> LibraryFileSpec {
+pub(crate) fn spec(file_name: &str, source: LibrarySource) -> LibraryFileSpec {
     LibraryFileSpec {
         file_name: file_name.into(),
         description: Some("e2e library file".into()),
@@ -48,14 +48,14 @@ fn spec(file_name: &str, source: LibrarySource) -> LibraryFileSpec {
     }
 }
 
-fn inline(text: &str) -> LibrarySource {
+pub(crate) fn inline(text: &str) -> LibrarySource {
     LibrarySource {
         inline: Some(text.into()),
         ..Default::default()
     }
 }
 
-fn from_config_map(name: &str, key: &str) -> LibrarySource {
+pub(crate) fn from_config_map(name: &str, key: &str) -> LibrarySource {
     LibrarySource {
         config_map_ref: Some(KeyRef {
             name: name.into(),
@@ -66,7 +66,7 @@ fn from_config_map(name: &str, key: &str) -> LibrarySource {
 }
 
 /// Applies a LibraryFile as the library-admin user.
-async fn put(env: &Env, ns: &str, name: &str, spec: LibraryFileSpec) -> Result<()> {
+pub(crate) async fn put(env: &Env, ns: &str, name: &str, spec: LibraryFileSpec) -> Result<()> {
     let api: Api<LibraryFile> = Api::namespaced(env.cluster.client("library-admin").await?, ns);
     api.patch(
         name,
@@ -79,7 +79,13 @@ async fn put(env: &Env, ns: &str, name: &str, spec: LibraryFileSpec) -> Result<(
 }
 
 /// Applies a ConfigMap with one key as admin.
-async fn config_map(env: &Env, ns: &str, name: &str, key: &str, text: &str) -> Result<()> {
+pub(crate) async fn config_map(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    key: &str,
+    text: &str,
+) -> Result<()> {
     let api: Api<ConfigMap> = Api::namespaced(env.cluster.client("admin").await?, ns);
     let cm = serde_json::json!({
         "apiVersion": "v1",
@@ -98,7 +104,7 @@ async fn config_map(env: &Env, ns: &str, name: &str, key: &str, text: &str) -> R
 }
 
 /// Waits until the operator checked the current generation and `want` holds of the status.
-async fn status_where(
+pub(crate) async fn status_where(
     env: &Env,
     ns: &str,
     name: &str,

@@ -15,9 +15,8 @@ use liveresponse_api::crd::{Command, Device, DeviceSpec, Enrollment, LiveRespons
 use liveresponse_api::proto::agent_gateway_server::AgentGateway;
 use liveresponse_api::proto::{
     AgentMessage, Cancel, CancelReason, ContentChunk, EnrollRequest, EnrollResponse, Execute,
-    FetchRequest, Hello,
-    OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, RenewRequest, Renewed, Welcome,
-    agent_message, command_event, operator_message,
+    FetchRequest, Hello, OperatorMessage, Outcome, PROTOCOL_VERSION, Reject, RenewRequest, Renewed,
+    Welcome, agent_message, command_event, operator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -40,7 +40,10 @@ fn launcher(script: &Path, head: &[u8]) -> Result<Option<&'static str>, ExecErro
         "ps1" => Ok(Some("pwsh")),
         _ => Err(ExecError::InvalidArgument(format!(
             "cannot tell how to run {}: give it a #! line, or a .sh, .bash, .py, .pl, .rb or .ps1 name",
-            script.file_name().and_then(|n| n.to_str()).unwrap_or("the script")
+            script
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("the script")
         ))),
     }
 }
@@ -118,7 +121,10 @@ impl Tree {
 }
 
 /// Reads a pipe to its end, keeping at most `limit` bytes.
-fn capture(mut pipe: impl Read + Send + 'static, limit: usize) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+fn capture(
+    mut pipe: impl Read + Send + 'static,
+    limit: usize,
+) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
         let mut cut = false;
@@ -183,7 +189,11 @@ pub fn run_script(
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) => {}
-            Err(e) => return Err(ExecError::Failed(format!("cannot wait for the script: {e}"))),
+            Err(e) => {
+                return Err(ExecError::Failed(format!(
+                    "cannot wait for the script: {e}"
+                )));
+            }
         }
         if let Err(stop) = ctx.check() {
             let pids = tree.kill(pid);
@@ -248,8 +258,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let s = script(dir.path(), "args.sh", "printf '%s\\n' \"$#\" \"$1\"\n");
         let param = "a;b & c | d $(e) `f` ! 'g' \"h\"".to_string();
-        let r = run_script(&ExecContext::new("/"), &s, &[param.clone()], dir.path(), 1 << 20)
-            .expect("ran");
+        let r = run_script(
+            &ExecContext::new("/"),
+            &s,
+            &[param.clone()],
+            dir.path(),
+            1 << 20,
+        )
+        .expect("ran");
         assert_eq!(r.records[0]["exitCode"], 0);
         assert_eq!(r.records[0]["stdout"], format!("1\n{param}\n"));
     }
@@ -299,7 +315,11 @@ mod tests {
                 .flatten()
                 .filter_map(|e| e.ok())
                 .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
-                .filter(|c| ["30011", "30012", "30013"].iter().any(|d| *c == format!("sleep\0{d}\0")))
+                .filter(|c| {
+                    ["30011", "30012", "30013"]
+                        .iter()
+                        .any(|d| *c == format!("sleep\0{d}\0"))
+                })
                 .count()
         };
         let up = std::time::Instant::now();
