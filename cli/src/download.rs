@@ -1,6 +1,7 @@
-//! `kubectl liveresponse download COMMAND [-o FILE]`: a getfile's content through the file
-//! API (`files.liveresponse.io`), with the analyst's own credentials, so the API server
-//! authorises (RBAC `get` on `commands/file`) and audits it. An interrupted download
+//! `kubectl liveresponse download COMMAND [-o FILE] [--full-output]`: a getfile's content
+//! (or, with `--full-output`, a command's whole output when it outgrew its status) through
+//! the file API (`files.liveresponse.io`), with the analyst's own credentials, so the API
+//! server authorises (RBAC `get` on `commands/file` or `commands/output`) and audits it. An interrupted download
 //! resumes from the partial file; the result is kept only if its sha256 is the one the
 //! Command recorded.
 
@@ -14,9 +15,9 @@ use sha2::{Digest, Sha256};
 use crate::client::Ctx;
 use crate::error::{Error, Result};
 
-/// The path of a command's file in the file API.
-pub fn file_path(namespace: &str, command: &str) -> String {
-    format!("/apis/files.liveresponse.io/v1alpha1/namespaces/{namespace}/commands/{command}/file")
+/// The path of a command's file (`sub` = "file") or whole output ("output") in the file API.
+pub fn file_path(namespace: &str, command: &str, sub: &str) -> String {
+    format!("/apis/files.liveresponse.io/v1alpha1/namespaces/{namespace}/commands/{command}/{sub}")
 }
 
 /// Where the download goes: `-o`, else the device file's name in the current folder.
@@ -78,7 +79,13 @@ pub async fn send(
     )))
 }
 
-pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -> Result<()> {
+pub async fn run(
+    ctx: &Ctx,
+    command: &str,
+    output: Option<&Path>,
+    full_output: bool,
+    quiet: bool,
+) -> Result<()> {
     let c = ctx
         .commands()
         .get_opt(command)
@@ -87,13 +94,42 @@ pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -
             kind: "command",
             name: command.to_string(),
         })?;
-    let file = c.status.and_then(|s| s.file).ok_or_else(|| {
-        Error::Usage(format!(
-            "command {command} has no file to download: only a getfile that succeeded has one (see `kubectl liveresponse log SESSION`)"
-        ))
-    })?;
-    let size = u64::try_from(file.size).unwrap_or(0);
-    let dest = destination(output, &file.path);
+    let st = c.status.unwrap_or_default();
+    // What to fetch: its size, digest, path in the file API, default name and needed role.
+    let (size, sha256, sub, dest, hint) = if full_output {
+        let out = st.output.filter(|o| o.artifact.is_some()).ok_or_else(|| {
+            Error::Usage(format!(
+                "command {command} kept no output beyond its status: `kubectl get command {command} -o jsonpath='{{.status.output.content}}'` shows all of it"
+            ))
+        })?;
+        let ext = match out.format {
+            liveresponse_api::crd::OutputFormat::Json => "json",
+            liveresponse_api::crd::OutputFormat::Table => "txt",
+        };
+        let dest = output
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(format!("{command}.{ext}")));
+        (
+            u64::try_from(out.size).unwrap_or(0),
+            out.sha256.unwrap_or_default(),
+            "output",
+            dest,
+            "full outputs need get on commands/output in files.liveresponse.io: the liveresponse-viewer, -basic or -advanced role",
+        )
+    } else {
+        let file = st.file.ok_or_else(|| {
+            Error::Usage(format!(
+                "command {command} has no file to download: only a getfile that succeeded has one (see `kubectl liveresponse log SESSION`); a command's whole output is downloaded with --full-output"
+            ))
+        })?;
+        (
+            u64::try_from(file.size).unwrap_or(0),
+            file.sha256,
+            "file",
+            destination(output, &file.path),
+            "downloads need get on commands/file in files.liveresponse.io: the liveresponse-advanced role",
+        )
+    };
     let part = PathBuf::from(format!("{}.part", dest.display()));
     let mut have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     if have > size {
@@ -101,7 +137,7 @@ pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -
         have = 0;
     }
     if have < size {
-        let mut req = http::Request::get(file_path(&ctx.namespace, command));
+        let mut req = http::Request::get(file_path(&ctx.namespace, command, sub));
         if have > 0 {
             req = req.header("range", format!("bytes={have}-"));
             if !quiet {
@@ -111,12 +147,7 @@ pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -
         let req = req
             .body(Vec::<u8>::new())
             .map_err(|e| Error::Usage(e.to_string()))?;
-        let resp = send(
-            ctx,
-            req,
-            "downloads need get on commands/file in files.liveresponse.io: the liveresponse-advanced role",
-        )
-        .await?;
+        let resp = send(ctx, req, hint).await?;
         let status = resp.status();
         let resumed = status == http::StatusCode::PARTIAL_CONTENT;
         if !resumed {
@@ -157,11 +188,10 @@ pub async fn run(ctx: &Ctx, command: &str, output: Option<&Path>, quiet: bool) -
         bar.finish_and_clear();
     }
     let got = sha256_of(&part)?;
-    if got != file.sha256 {
+    if got != sha256 {
         let _ = std::fs::remove_file(&part);
         return Err(Error::Usage(format!(
-            "the download's sha256 is {got}, not {} as the command recorded: it was removed; run download again",
-            file.sha256
+            "the download's sha256 is {got}, not {sha256} as the command recorded: it was removed; run download again"
         )));
     }
     std::fs::rename(&part, &dest).map_err(|source| Error::WriteFile {

@@ -103,13 +103,18 @@ enum Cmd {
     /// Manage the namespace's library of scripts for run and putfile.
     #[command(subcommand)]
     Library(LibraryCmd),
-    /// Download the file a getfile brought back (resumes, verifies its sha256).
+    /// Download the file a getfile brought back, or a command's whole output (resumes,
+    /// verifies its sha256).
     Download {
-        /// Name of the getfile Command (`kubectl liveresponse log SESSION` shows them).
+        /// Name of the Command (`kubectl liveresponse log SESSION` shows them).
         command: String,
-        /// Where to write it (default: the file's name, in the current folder).
+        /// Where to write it (default: the file's name, or COMMAND.txt / .json for an
+        /// output, in the current folder).
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// The command's whole output, kept when it outgrew status.output (64 KiB).
+        #[arg(long)]
+        full_output: bool,
         /// No progress bar.
         #[arg(short, long)]
         quiet: bool,
@@ -219,8 +224,9 @@ async fn run(cli: &Cli) -> Result<i32> {
         Cmd::Download {
             command,
             output,
+            full_output,
             quiet,
-        } => download::run(&ctx, command, output.as_deref(), *quiet).await?,
+        } => download::run(&ctx, command, output.as_deref(), *full_output, *quiet).await?,
         Cmd::Exec(_) => {}
     }
     Ok(EXIT_OK)

@@ -138,6 +138,12 @@ pub async fn wait_final(
         |c: &Command| {
             let phase = phase_of(c).map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"));
             spinner.set_message(format!("{label}: {phase}"));
+            if let Some(p) = c.status.as_ref().and_then(|s| s.progress.as_ref()) {
+                spinner.progress(
+                    u64::try_from(p.bytes).unwrap_or(0),
+                    u64::try_from(p.total_bytes).unwrap_or(0),
+                );
+            }
         },
         |line| spinner.note(line),
     );

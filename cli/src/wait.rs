@@ -52,6 +52,20 @@ impl Spinner {
             .set_message(sanitize::line(&message.into()).into_owned());
     }
 
+    /// Turns the spinner into a progress bar of a transfer (getfile, putfile, run's
+    /// script): bytes moved of `total`.
+    pub fn progress(&self, bytes: u64, total: u64) {
+        if self.bar.length() != Some(total) {
+            let style = ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ({elapsed})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            self.bar.set_style(style);
+            self.bar.set_length(total);
+        }
+        self.bar.set_position(bytes);
+    }
+
     /// Prints a line on stderr above the spinner.
     pub fn note(&self, line: &str) {
         // Notes quote API errors, which may quote an object another user wrote.

@@ -262,6 +262,64 @@ pub async fn cancel_stops_the_scripts_process_tree(env: &'static Env) -> Result<
         "processes of the cancelled script are still running: {left:?} (of {before:?})"
     );
     eprintln!("run: cancel stopped pids {before:?}; none is left");
+
+    // An output larger than status.output keeps (64 KiB) is kept whole as an artifact,
+    // and a viewer of the command downloads all of it through the file API.
+    let lines = 20_000;
+    let big = format!("#!/bin/sh\nseq 1 {lines}\n");
+    put(env, ns, "big", spec("big.sh", inline(&big))).await?;
+    ready(env, ns, "big").await?;
+    let c = Cmd::new("s", "run", &["big.sh"])
+        .json()
+        .run(&client, ns, "big")
+        .await?;
+    lr::succeeded(&c)?;
+    let out = c
+        .status
+        .as_ref()
+        .and_then(|s| s.output.clone())
+        .context("no output")?;
+    ensure!(
+        out.truncated,
+        "a {} byte output was not cut inline",
+        out.size
+    );
+    ensure!(
+        out.artifact.is_some() && out.artifact == out.sha256,
+        "the whole output is not in the artifact store: {:?}",
+        out.artifact
+    );
+    let dir = host_root("run-big-output")?;
+    let dest = dir.join("big.json");
+    let dest_s = dest.to_string_lossy().into_owned();
+    let (ok, _, said) = lr::cli(
+        &env.cluster,
+        "analyst-basic",
+        &["-n", ns, "download", "big", "--full-output", "-o", &dest_s],
+    )?;
+    ensure!(
+        ok,
+        "a basic analyst could not download a full output: {said}"
+    );
+    let whole = std::fs::read(&dest)?;
+    ensure!(
+        whole.len() as i64 == out.size && Some(sha(&whole)) == out.sha256,
+        "the downloaded output is not the one the command recorded"
+    );
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&whole)?;
+    let stdout = records
+        .first()
+        .and_then(|r| r["stdout"].as_str())
+        .context("no stdout in the full output")?;
+    ensure!(
+        stdout.lines().count() == lines && stdout.ends_with(&format!("{lines}\n")),
+        "the full output lacks lines of the script's stdout"
+    );
+    eprintln!(
+        "run: a {} byte output kept whole as artifact {}",
+        out.size,
+        out.artifact.unwrap_or_default()
+    );
     Ok(())
 }
 

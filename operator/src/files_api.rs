@@ -89,6 +89,15 @@ pub fn tls_config(
 }
 
 /// A request the file API serves.
+/// What of a command is downloaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// `commands/NAME/file`: the file a getfile brought back.
+    File,
+    /// `commands/NAME/output`: the whole output, when it did not fit in the status.
+    Output,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     /// `/apis/files.liveresponse.io/v1alpha1`: what the API server's discovery asks.
@@ -98,6 +107,7 @@ pub enum Route {
     CommandFile {
         namespace: String,
         name: String,
+        what: Served,
     },
     LibraryContent {
         namespace: String,
@@ -132,16 +142,21 @@ pub fn route(method: &Method, path: &str) -> Result<Route, (StatusCode, String)>
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
     };
     match parts.as_slice() {
-        [ns, "commands", name, "file"] if ok_name(ns) && ok_name(name) => {
+        [ns, "commands", name, sub @ ("file" | "output")] if ok_name(ns) && ok_name(name) => {
             if method != Method::GET && method != Method::HEAD {
                 return Err((
                     StatusCode::METHOD_NOT_ALLOWED,
-                    "commands/file is read with GET".into(),
+                    format!("commands/{sub} is read with GET"),
                 ));
             }
             Ok(Route::CommandFile {
                 namespace: ns.to_string(),
                 name: name.to_string(),
+                what: if *sub == "file" {
+                    Served::File
+                } else {
+                    Served::Output
+                },
             })
         }
         [ns, "libraryfiles", name, "content"] if ok_name(ns) && ok_name(name) => {
@@ -224,6 +239,7 @@ fn discovery() -> serde_json::Value {
         "resources": [
             {"name": "commands", "singularName": "command", "namespaced": true, "kind": "Command", "verbs": []},
             {"name": "commands/file", "singularName": "", "namespaced": true, "kind": "Command", "verbs": ["get"]},
+            {"name": "commands/output", "singularName": "", "namespaced": true, "kind": "Command", "verbs": ["get"]},
             {"name": "libraryfiles", "singularName": "libraryfile", "namespaced": true, "kind": "LibraryFile", "verbs": []},
             {"name": "libraryfiles/content", "singularName": "", "namespaced": true, "kind": "LibraryFile", "verbs": ["create"]},
         ]
@@ -270,14 +286,18 @@ impl FilesApi {
                 }),
             ),
             Route::Resources => json(StatusCode::OK, &discovery()),
-            Route::CommandFile { namespace, name } => {
+            Route::CommandFile {
+                namespace,
+                name,
+                what,
+            } => {
                 let range = req
                     .headers()
                     .get("range")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 let head = req.method() == Method::HEAD;
-                self.download(&namespace, &name, range.as_deref(), head, user)
+                self.download(&namespace, &name, what, range.as_deref(), head, user)
                     .await
             }
             Route::LibraryContent { namespace, name } => {
@@ -290,6 +310,7 @@ impl FilesApi {
         &self,
         ns: &str,
         name: &str,
+        what: Served,
         range: Option<&str>,
         head: bool,
         user: Option<String>,
@@ -307,11 +328,40 @@ impl FilesApi {
             }
             Err(e) => return status(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
-        let Some(file) = command.status.and_then(|s| s.file) else {
-            return status(
-                StatusCode::NOT_FOUND,
-                &format!("command {name} moved no file (only a getfile that succeeded has one)"),
-            );
+        let st = command.status.unwrap_or_default();
+        // What is served: its artifact, size, digest and a file name for it.
+        let file = match what {
+            Served::File => {
+                let Some(file) = st.file else {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "command {name} moved no file (only a getfile that succeeded has one)"
+                        ),
+                    );
+                };
+                file
+            }
+            Served::Output => {
+                let Some(out) = st.output.filter(|o| o.artifact.is_some()) else {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "command {name} has no output kept beyond its status: its whole output is status.output.content"
+                        ),
+                    );
+                };
+                let ext = match out.format {
+                    liveresponse_api::crd::OutputFormat::Json => "json",
+                    liveresponse_api::crd::OutputFormat::Table => "txt",
+                };
+                liveresponse_api::crd::FileRef {
+                    path: format!("{name}.{ext}"),
+                    size: out.size,
+                    sha256: out.sha256.unwrap_or_default(),
+                    artifact: out.artifact,
+                }
+            }
         };
         let Some(sha) = file.artifact.clone() else {
             return status(
@@ -577,7 +627,19 @@ mod tests {
             ),
             Ok(Route::CommandFile {
                 namespace: "ns".into(),
-                name: "pull".into()
+                name: "pull".into(),
+                what: Served::File,
+            })
+        );
+        assert_eq!(
+            route(
+                &get,
+                "/apis/files.liveresponse.io/v1alpha1/namespaces/ns/commands/ps/output"
+            ),
+            Ok(Route::CommandFile {
+                namespace: "ns".into(),
+                name: "ps".into(),
+                what: Served::Output,
             })
         );
         assert_eq!(

@@ -163,6 +163,8 @@ struct InFlight {
     progress_woken: Option<Instant>,
     /// putfile and run: the library file the agent may fetch while this is in flight.
     content: Option<content::ContentSource>,
+    /// How many of its bytes were served.
+    content_sent: u64,
 }
 
 /// How often a transfer wakes its command to record progress.
@@ -280,26 +282,55 @@ impl Gateway {
         let _ = self.artifacts.set(store);
     }
 
+    /// A getfile's copy in staging.
     fn staging_path(&self, exec_uid: &str) -> Option<std::path::PathBuf> {
+        self.staging_file(exec_uid, "part")
+    }
+
+    /// A large output, kept whole, in staging.
+    fn output_path(&self, exec_uid: &str) -> Option<std::path::PathBuf> {
+        self.staging_file(exec_uid, "out")
+    }
+
+    fn staging_file(&self, exec_uid: &str, ext: &str) -> Option<std::path::PathBuf> {
         // A uid is the API server's; still, only a plain name becomes a file name.
         let safe = exec_uid
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
         let store = self.artifacts.get()?;
         (safe && !exec_uid.starts_with('.'))
-            .then(|| store.staging_dir().join(format!("{exec_uid}.part")))
+            .then(|| store.staging_dir().join(format!("{exec_uid}.{ext}")))
     }
 
-    /// Deletes what an unfinished transfer left in staging (the command ended otherwise).
+    /// Deletes what an execution left in staging (stored, or the command ended otherwise).
     pub fn discard_staging(&self, exec_uid: &str) {
-        if let Some(p) = self.staging_path(exec_uid) {
+        for p in [self.staging_path(exec_uid), self.output_path(exec_uid)]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(p);
         }
     }
 
     /// How far a transfer has come.
     pub fn progress(&self, exec_uid: &str) -> Option<Progress> {
-        let file = self.state().inflight.get(exec_uid)?.file.clone()?;
+        let file = {
+            let st = self.state();
+            let f = st.inflight.get(exec_uid)?;
+            match (&f.file, &f.content) {
+                (Some(file), _) => file.clone(),
+                // putfile and run: how much of the library file the device fetched.
+                (None, Some(c)) => {
+                    let sent = f.content_sent;
+                    return (sent > 0).then_some(Progress {
+                        bytes: sent,
+                        total: Some(c.size),
+                        resumed_at: None,
+                    });
+                }
+                (None, None) => return None,
+            }
+        };
         let f = file.lock().unwrap_or_else(|p| p.into_inner());
         Some(Progress {
             bytes: f.written(),
@@ -337,6 +368,12 @@ impl Gateway {
         let msg = OperatorMessage {
             msg: Some(operator_message::Msg::Execute(exec)),
         };
+        // Only the command's own output is kept whole; an -auto step's is summarised.
+        let output_path = target
+            .step
+            .is_none()
+            .then(|| self.output_path(&uid))
+            .flatten();
         let mut st = self.state();
         let Some(conn) = st.agents.get(&device) else {
             return Err(SendError::NotConnected(device.1.clone()));
@@ -349,11 +386,15 @@ impl Gateway {
                     uid,
                     InFlight {
                         target,
-                        sink: OutputSink::new(limit),
+                        sink: match output_path {
+                            Some(p) => OutputSink::new(limit).spill_to(p),
+                            None => OutputSink::new(limit),
+                        },
                         cancel_sent: None,
                         file,
                         progress_woken: None,
                         content,
+                        content_sent: 0,
                     },
                 );
                 Ok(())
@@ -1173,7 +1214,7 @@ impl AgentGateway for GatewayService {
         let ask = req.into_inner();
         let source = self.0.content_source(&device, &ask.command_uid)?;
         tracing::info!(uid = %ask.command_uid, library = %source.library, offset = ask.offset, "serving a library file to its device");
-        content::serve(self.0.clone(), source, ask.offset)
+        content::serve(self.0.clone(), ask.command_uid, source, ask.offset)
             .await
             .map(Response::new)
     }

@@ -1,7 +1,8 @@
 //! Where a command's output goes as it streams in from the agent: the first 64 KiB are kept
 //! for `status.output.content`, the whole is counted and hashed, and nothing else is held,
-//! so the operator's memory does not grow with the size of an output. (The artifact store
-//! plugs in here to keep the whole.)
+//! so the operator's memory does not grow with the size of an output. An output larger than
+//! the inline part is also written whole to a staging file, which the command controller
+//! puts into the artifact store (`status.output.artifact`).
 
 use liveresponse_api::output::INLINE_LIMIT;
 use sha2::{Digest, Sha256};
@@ -17,6 +18,8 @@ pub struct OutputSummary {
     pub size: u64,
     /// SHA-256 of the bytes received, hex.
     pub sha256: String,
+    /// The whole output in a staging file, when it did not fit inline and could be kept.
+    pub spilled: Option<std::path::PathBuf>,
 }
 
 /// Why an output cannot be trusted.
@@ -59,6 +62,23 @@ pub struct OutputSink {
     hasher: Sha256,
     limit: u64,
     too_large: bool,
+    /// Where the whole output goes once it outgrows the inline part.
+    spill_path: Option<std::path::PathBuf>,
+    spill: Option<std::io::BufWriter<std::fs::File>>,
+    /// Writing the spill failed: the output is still summarised, only not kept whole.
+    spill_failed: bool,
+}
+
+impl Drop for OutputSink {
+    fn drop(&mut self) {
+        // A sink dropped before `finish` took its file (a replay, a failed command)
+        // leaves nothing in staging.
+        if self.spill.take().is_some()
+            && let Some(p) = &self.spill_path
+        {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl OutputSink {
@@ -70,6 +90,47 @@ impl OutputSink {
             hasher: Sha256::new(),
             limit,
             too_large: false,
+            spill_path: None,
+            spill: None,
+            spill_failed: false,
+        }
+    }
+
+    /// Keeps an output larger than the inline part whole, in `path`.
+    pub fn spill_to(mut self, path: std::path::PathBuf) -> Self {
+        self.spill_path = Some(path);
+        self
+    }
+
+    fn write_spill(&mut self, data: &[u8]) {
+        use std::io::Write;
+        if self.spill_failed {
+            return;
+        }
+        if self.spill.is_none() {
+            let Some(path) = &self.spill_path else {
+                return;
+            };
+            match std::fs::File::create(path) {
+                Ok(f) => {
+                    let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+                    // Everything before this chunk is still in `inline`.
+                    if w.write_all(&self.inline).is_err() {
+                        self.spill_failed = true;
+                    }
+                    self.spill = Some(w);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot keep the whole output");
+                    self.spill_failed = true;
+                    return;
+                }
+            }
+        }
+        if let Some(w) = &mut self.spill
+            && w.write_all(data).is_err()
+        {
+            self.spill_failed = true;
         }
     }
 
@@ -83,6 +144,9 @@ impl OutputSink {
             return;
         }
         self.hasher.update(data);
+        if self.size > INLINE_LIMIT as u64 && self.spill_path.is_some() {
+            self.write_spill(data);
+        }
         let room = INLINE_LIMIT.saturating_sub(self.inline.len());
         // One byte more than fits tells `finish` that the inline part was cut.
         let take = data.len().min(room + 1);
@@ -98,7 +162,7 @@ impl OutputSink {
 
     /// The summary, checked against what the agent says it sent.
     pub fn finish(
-        self,
+        mut self,
         expected_size: u64,
         expected_sha256: &str,
     ) -> Result<OutputSummary, OutputProblem> {
@@ -111,11 +175,24 @@ impl OutputSink {
                 received: self.size,
             });
         }
-        let sha256 = hex::encode(self.hasher.finalize());
+        let sha256 = hex::encode(self.hasher.clone().finalize());
         if !expected_sha256.is_empty() && !expected_sha256.eq_ignore_ascii_case(&sha256) {
             return Err(OutputProblem::Corrupt);
         }
-        let mut inline = self.inline;
+        let spilled = match self.spill.take().map(|mut w| {
+            use std::io::Write;
+            w.flush()
+        }) {
+            Some(Ok(())) if !self.spill_failed => self.spill_path.clone(),
+            Some(_) => {
+                if let Some(p) = &self.spill_path {
+                    let _ = std::fs::remove_file(p);
+                }
+                None
+            }
+            None => None,
+        };
+        let mut inline = std::mem::take(&mut self.inline);
         let truncated = inline.len() > INLINE_LIMIT;
         inline.truncate(INLINE_LIMIT);
         // An agent's text is UTF-8, but the cut may split a character, and a hostile agent
@@ -144,6 +221,7 @@ impl OutputSink {
             truncated,
             size: self.size,
             sha256,
+            spilled,
         })
     }
 }
@@ -169,6 +247,7 @@ mod tests {
                 truncated: false,
                 size: 11,
                 sha256: sha(b"hello world"),
+                spilled: None,
             })
         );
     }
@@ -189,6 +268,31 @@ mod tests {
         // Cut at a character boundary: 64 KiB of two-byte characters.
         assert_eq!(out.inline.len(), INLINE_LIMIT);
         assert!(out.inline.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_large_output_is_kept_whole_in_its_spill_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("uid.out");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut s = OutputSink::new(1 << 30).spill_to(path.clone());
+        for c in data.chunks(10_000) {
+            s.push(c);
+        }
+        let out = s.finish(data.len() as u64, &sha(&data)).expect("summary");
+        assert_eq!(out.spilled.as_deref(), Some(path.as_path()));
+        assert_eq!(std::fs::read(&path).expect("spill"), data);
+
+        // Small outputs write nothing; a sink dropped unfinished removes its file.
+        let mut small = OutputSink::new(1 << 30).spill_to(dir.path().join("small.out"));
+        small.push(b"tiny");
+        assert_eq!(small.finish(4, "").expect("small").spilled, None);
+        assert!(!dir.path().join("small.out").exists());
+        let mut dropped = OutputSink::new(1 << 30).spill_to(dir.path().join("gone.out"));
+        dropped.push(&data);
+        assert!(dir.path().join("gone.out").exists());
+        drop(dropped);
+        assert!(!dir.path().join("gone.out").exists());
     }
 
     #[test]

@@ -45,13 +45,14 @@ pub fn collectable(
         .collect()
 }
 
-/// Staging files (`UID.part`, or an upload's) whose Command is not running any more; the
+/// Staging files (`UID.part`, `UID.out`, or an upload's) whose Command is not running any more; the
 /// caller only offers files untouched for the grace period, so a live upload stays.
 pub fn stale_staging(names: &[String], running: &HashSet<String>) -> Vec<String> {
     names
         .iter()
         .filter(|n| {
             n.strip_suffix(".part")
+                .or_else(|| n.strip_suffix(".out"))
                 .is_some_and(|uid| !running.contains(uid))
         })
         .cloned()

@@ -158,6 +158,8 @@ pub struct Finish {
     pub working_directory: Option<String>,
     /// getfile: the verified copy to keep in the artifact store.
     pub file: Option<StagedFile>,
+    /// The whole output, when it did not fit inline: (staging file, sha256).
+    pub output_file: Option<(std::path::PathBuf, String)>,
 }
 
 impl Finish {
@@ -172,6 +174,7 @@ impl Finish {
             cancel_on_agent: None,
             working_directory: None,
             file: None,
+            output_file: None,
         }
     }
 
@@ -649,6 +652,7 @@ fn from_report(c: &Command, parsed: Option<&Invocation>, r: &Report) -> Decision
     if phase == CommandPhase::Succeeded && !r.working_directory.is_empty() {
         f.working_directory = Some(r.working_directory.clone());
     }
+    f.output_file = output.spilled.clone().map(|p| (p, output.sha256.clone()));
     f.file = file;
     Decision::Finish(Box::new(f))
 }
@@ -1160,6 +1164,14 @@ async fn finish(c: &Command, o: &Observed, f: Finish, ctx: &Context) -> Result<(
     if f.output.is_some() {
         st.output = f.output.clone();
     }
+    if let (Some((path, sha)), Some(out)) = (&f.output_file, &mut st.output) {
+        // Stored before status names it, as a getfile's file is.
+        ctx.artifacts
+            .put_staged(path, sha)
+            .await
+            .map_err(|e| Error::Invalid(format!("storing the whole output: {e}")))?;
+        out.artifact = Some(sha.clone());
+    }
     if let Some(staged) = &f.file {
         // The artifact is stored before status names it: a status that points at nothing
         // is worse than a retry.
@@ -1180,6 +1192,10 @@ async fn finish(c: &Command, o: &Observed, f: Finish, ctx: &Context) -> Result<(
         }
     }
     let ok = f.phase == CommandPhase::Succeeded;
+    if ok && let Some(p) = &mut st.progress {
+        // Done: whatever the last sample said, all of it moved.
+        p.bytes = p.total_bytes;
+    }
     if !ok {
         st.error = Some(CommandError {
             reason: f.reason.clone(),

@@ -55,11 +55,34 @@ impl Gateway {
                 ))
             })
     }
+
+    /// Counts bytes served to a putfile or run, waking its command now and then so its
+    /// status shows the progress.
+    pub(super) fn content_served(&self, uid: &str, n: u64) {
+        let wake = {
+            let mut st = self.state();
+            let Some(f) = st.inflight.get_mut(uid) else {
+                return;
+            };
+            f.content_sent = f.content_sent.saturating_add(n);
+            let wake = f
+                .progress_woken
+                .is_none_or(|t| t.elapsed() >= super::PROGRESS_EVERY);
+            if wake {
+                f.progress_woken = Some(std::time::Instant::now());
+            }
+            wake.then(|| f.target.object_ref())
+        };
+        if let Some(r) = wake {
+            self.command_wakes.wake(r);
+        }
+    }
 }
 
 /// Streams the source of `src` from `offset`.
 pub(super) async fn serve(
     gw: Arc<Gateway>,
+    uid: String,
     src: ContentSource,
     offset: u64,
 ) -> Result<ReceiverStream<Result<ContentChunk, Status>>, Status> {
@@ -111,6 +134,7 @@ pub(super) async fn serve(
                                 ok = false;
                                 break;
                             }
+                            gw.content_served(&uid, piece.len() as u64);
                         }
                         if ok {
                             continue;
@@ -162,6 +186,7 @@ pub(super) async fn serve(
             {
                 return;
             }
+            gw.content_served(&uid, piece.len() as u64);
         }
     });
     Ok(ReceiverStream::new(rx))

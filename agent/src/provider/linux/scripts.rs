@@ -261,7 +261,7 @@ mod tests {
         let r = run_script(
             &ExecContext::new("/"),
             &s,
-            &[param.clone()],
+            std::slice::from_ref(&param),
             dir.path(),
             1 << 20,
         )
@@ -274,7 +274,6 @@ mod tests {
     fn exit_code_and_stderr_are_reported() {
         let dir = tempfile::tempdir().expect("dir");
         let s = script(dir.path(), "fail", "#!/bin/sh\necho oops >&2\nexit 3\n");
-        #[allow(clippy::permissions_set_readonly_false)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o700)).expect("chmod");
