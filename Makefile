@@ -55,8 +55,8 @@ fuzz:
 
 ## Builds (once) the control plane from Go modules, then runs the end-to-end tests, which
 ## bring it up and down themselves.
-e2e: cluster-bin build
-	$(CARGO) test -p liveresponse-e2e
+e2e: cluster-bin build s3s-fs
+	LR_S3S_FS=$(S3S_FS) $(CARGO) test -p liveresponse-e2e
 
 ## `make demo`'s scripted tour on its own control plane, then proof that it left no process.
 demo-check: cluster-bin build

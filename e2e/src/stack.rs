@@ -206,6 +206,16 @@ impl Stack {
     }
 
     fn spawn(&self, name: &str, exe: &Path, args: &[String]) -> Result<u32> {
+        self.spawn_env(name, exe, args, &[])
+    }
+
+    fn spawn_env(
+        &self,
+        name: &str,
+        exe: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<u32> {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -214,6 +224,7 @@ impl Stack {
         let child = Proc::new(exe)
             .args(args)
             .env("KUBECONFIG", self.cluster.kubeconfig("admin"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -291,6 +302,11 @@ impl Stack {
 
     /// [`Stack::start_operator`] with extra flags (another artifact store, say).
     pub fn start_operator_with(&self, extra: &[String]) -> Result<()> {
+        self.start_operator_env(extra, &[])
+    }
+
+    /// [`Stack::start_operator_with`], with extra environment (credentials, say).
+    pub fn start_operator_env(&self, extra: &[String], env: &[(String, String)]) -> Result<()> {
         if self.operator_pid().is_some() {
             return Ok(());
         }
@@ -334,7 +350,7 @@ impl Stack {
         args.extend(extra.iter().cloned());
         let _ = std::fs::remove_file(self.ca_file());
         let start = || -> Result<()> {
-            self.spawn("operator", &target_bin("liveresponse-operator"), &args)?;
+            self.spawn_env("operator", &target_bin("liveresponse-operator"), &args, env)?;
             // The lease of a killed predecessor must expire first (15 s at most).
             self.wait(
                 "the operator's gateway",

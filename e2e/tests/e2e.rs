@@ -124,6 +124,8 @@ fn main() {
         live::second_replica_waits_for_the_lease,
         live::operator_restart_loses_nothing,
         defence::advanced_verbs_fail_closed_without_the_tier_binding,
+        // Alone: it restarts the operator with the S3 backend, and back.
+        files::getfile_with_the_s3_backend,
         // Alone: a stopped agent must not slow the others, and B's latency is only
         // comparable before/during without other tests' load.
         pipeline::stalled_agent_does_not_stall_other_tenants,

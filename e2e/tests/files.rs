@@ -308,3 +308,124 @@ pub async fn getfile_refuses_what_it_cannot_copy(env: &'static Env) -> Result<()
     let _ = std::fs::remove_dir_all(&root);
     result
 }
+
+/// The s3s-fs binary `make e2e` builds (LR_S3S_FS), or its cached build.
+fn s3s_fs() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("LR_S3S_FS") {
+        return Ok(p.into());
+    }
+    let cache = std::env::var_os("LR_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| Path::new(&d).join("liveresponse-e2e"))
+        })
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/liveresponse-e2e")))
+        .context("no cache folder: set LR_S3S_FS")?;
+    let bin = cache.join("s3s-fs-0.14.1/bin/s3s-fs");
+    ensure!(
+        bin.exists(),
+        "no s3s-fs at {}: run `make s3s-fs` (make e2e does), or set LR_S3S_FS",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// The operator with its artifact store in a real S3-compatible server (s3s-fs): a getfile
+/// lands there as an object whose sha256 is the file's, and downloads through the file API.
+/// Serial: it restarts the operator with the S3 backend and back.
+pub async fn getfile_with_the_s3_backend(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-getfile-s3", "s3-evidence");
+    let s3_root = env.stack.dir.join("s3");
+    let _ = std::fs::remove_dir_all(&s3_root);
+    std::fs::create_dir_all(s3_root.join("evidence"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = std::process::Command::new(s3s_fs()?)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", "AKE2E", "--secret-key", "SKE2E"])
+        .arg(&s3_root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting s3s-fs")?;
+    let result = async {
+        let up = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(up.elapsed() < T, "s3s-fs did not listen on {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        env.stack.kill_operator();
+        let flags: Vec<String> = [
+            "--artifact-s3-bucket",
+            "evidence",
+            "--artifact-s3-endpoint",
+            &format!("http://127.0.0.1:{port}"),
+            "--artifact-s3-region",
+            "us-east-1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let creds = [
+            ("AWS_ACCESS_KEY_ID".to_string(), "AKE2E".to_string()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), "SKE2E".to_string()),
+        ];
+        env.stack.start_operator_env(&flags, &creds)?;
+        let root = host_root("getfile-s3")?;
+        let src = root.join("disk.img");
+        {
+            let mut random = std::fs::File::open("/dev/urandom")?.take(48 << 20);
+            let mut out = std::fs::File::create(&src)?;
+            std::io::copy(&mut random, &mut out)?;
+        }
+        let want = sha256_of(&src)?;
+        let client = setup(env, ns, device, &root, "", &[]).await?;
+        Cmd::new("s", "getfile", &["/disk.img"])
+            .create(&client, ns, "pull-s3")
+            .await?;
+        let c = lr::wait_final(&client, ns, "pull-s3", Duration::from_secs(120)).await?;
+        lr::succeeded(&c)?;
+        let file = c.status.and_then(|s| s.file).context("no status.file")?;
+        ensure!(file.sha256 == want, "sha256 {} != {want}", file.sha256);
+        let object = s3_root.join("evidence/sha256").join(&want);
+        ensure!(
+            object.exists() && sha256_of(&object)? == want,
+            "the S3 server holds no object sha256/{want} with the file's content"
+        );
+        ensure!(
+            !env.stack
+                .artifact_dir()
+                .join("objects/sha256")
+                .join(&want)
+                .exists(),
+            "the file went to the local store instead of S3"
+        );
+        let dir = host_root("download-s3")?;
+        let dest = dir.join("disk.img");
+        let dest_s = dest.to_string_lossy().into_owned();
+        let (ok, stdout, stderr) = lr::cli(
+            &env.cluster,
+            "analyst-advanced",
+            &["-n", ns, "download", "pull-s3", "-o", &dest_s],
+        )?;
+        ensure!(ok, "download from the S3 backend failed: {stderr}");
+        ensure!(sha256_of(&dest)? == want, "the download differs");
+        eprintln!(
+            "s3: getfile stored as s3://evidence/sha256/{want}; {}",
+            stdout.trim()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+    .await;
+    env.stack.kill_agent(ns, device);
+    // Back to the local store for whatever runs next.
+    env.stack.kill_operator();
+    let restored = env.stack.start_operator();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&s3_root);
+    result.and(restored)
+}
