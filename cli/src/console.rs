@@ -51,6 +51,20 @@ pub enum Action {
     End,
     /// `connect` while connected.
     AlreadyConnected,
+    /// `download ID|NAME [-full_output] [> file]`: through the file API, to this computer.
+    Download {
+        /// A command id of this session, or a Command's name.
+        target: String,
+        full_output: bool,
+        to: Option<String>,
+    },
+    /// `library upload FILE [-signature F] [-description T] [-name N]`.
+    LibraryUpload {
+        file: String,
+        signature: Option<String>,
+        description: Option<String>,
+        name: Option<String>,
+    },
     /// A device command: becomes a Command resource.
     Run(ConsoleLine),
     /// The line is wrong; the text says how (with the usage when the command is known).
@@ -76,6 +90,17 @@ pub fn dispatch(line: &str) -> Action {
         "exit" => Action::End,
         "connect" => Action::AlreadyConnected,
         "jobs" => Action::Jobs,
+        "download" => Action::Download {
+            target: inv.get("id").unwrap_or_default().to_owned(),
+            full_output: inv.has_flag("full_output"),
+            to: redirect,
+        },
+        "library upload" => Action::LibraryUpload {
+            file: inv.get("file").unwrap_or_default().to_owned(),
+            signature: inv.get("signature").map(str::to_owned),
+            description: inv.get("description").map(str::to_owned),
+            name: inv.get("name").map(str::to_owned),
+        },
         "fg" => match id_of(inv.get("id")) {
             Ok(id) => Action::Foreground { id, redirect },
             Err(raw) => Action::Invalid(format!("fg: there is no command {raw}")),
@@ -306,8 +331,66 @@ impl Console<'_> {
                     self.name
                 ),
                 Action::Run(line) => self.execute(&line).await,
+                Action::Download {
+                    target,
+                    full_output,
+                    to,
+                } => self.download(&target, full_output, to.as_deref()).await,
+                Action::LibraryUpload {
+                    file,
+                    signature,
+                    description,
+                    name,
+                } => {
+                    let upload = crate::library::Upload {
+                        file: std::path::Path::new(&file),
+                        name: name.as_deref(),
+                        signature: signature.as_deref().map(std::path::Path::new),
+                        description: description.as_deref(),
+                    };
+                    match interruptible(crate::library::upload(self.ctx, &upload)).await {
+                        Some(Ok(())) => {}
+                        Some(Err(err)) => self.error(&err.to_string()),
+                        None => self.error("interrupted"),
+                    }
+                }
                 Action::Invalid(message) => self.error(&message),
             }
+        }
+    }
+
+    /// `download`: a command id of this session is looked up; anything else is taken as
+    /// a Command's name.
+    async fn download(&self, target: &str, full_output: bool, to: Option<&str>) {
+        if target.contains(['/', '\\']) {
+            return self.error(&format!(
+                "download brings a command's result to this computer; to copy {target} from the device, run `getfile {target}` first, then `download ID`"
+            ));
+        }
+        let name = match target.parse::<i64>() {
+            Ok(id) => match self.commands().await {
+                Ok(commands) => match commands
+                    .iter()
+                    .find(|c| c.status.as_ref().and_then(|s| s.id) == Some(id))
+                {
+                    Some(c) => c.metadata.name.clone().unwrap_or_default(),
+                    None => return self.error(&format!("download: there is no command {id}")),
+                },
+                Err(err) => return self.error(&err.to_string()),
+            },
+            Err(_) => target.to_owned(),
+        };
+        let work = crate::download::run(
+            self.ctx,
+            &name,
+            to.map(std::path::Path::new),
+            full_output,
+            false,
+        );
+        match interruptible(work).await {
+            Some(Ok(())) => {}
+            Some(Err(err)) => self.error(&err.to_string()),
+            None => self.error("interrupted; run download again to resume"),
         }
     }
 

@@ -10,6 +10,7 @@ use e2e::stack::target_bin;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use liveresponse_api::crd::{Command, CommandPhase, LiveResponseSession, SessionPhase};
+use sha2::Digest;
 
 use crate::Env;
 
@@ -290,6 +291,28 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
     tmux.line("help findfile")?;
     tmux.wait_for("usage: findfile", T).await?;
 
+    // getfile, then download brings the file to this computer through the file API.
+    let src = work.join("evidence.txt");
+    let body: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(&src, &body)?;
+    tmux.line(&format!("getfile {}", src.display()))?;
+    let sha = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    tmux.wait_for(&sha, T).await?;
+    let getfile_id = Api::<Command>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .find(|c| c.spec.session == session_name && c.spec.command == "getfile")
+        .and_then(|c| c.status.as_ref().and_then(|s| s.id))
+        .context("the getfile has no id")?;
+    tmux.line(&format!("download {getfile_id} > copy.txt"))?;
+    tmux.wait_for("sha256 verified", T).await?;
+    ensure!(
+        std::fs::read_to_string(work.join("copy.txt"))? == body,
+        "download wrote something else than the device's file"
+    );
+
     // disconnect ends the session.
     tmux.line("disconnect")?;
     lr::wait_session(&client, ns, &session_name, SessionPhase::Disconnected, T).await?;
@@ -313,11 +336,11 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
         .iter()
         .filter(|c| c.spec.session == session_name)
         .collect();
-    // processes, the cancelled findfile, the background findfile and processes > out.txt;
-    // help and the parse error never became Commands.
+    // processes, the cancelled findfile, the background findfile, processes > out.txt and
+    // getfile; help, download and the parse error never became Commands.
     ensure!(
-        mine.len() == 4,
-        "expected the console's 4 commands, found {}",
+        mine.len() == 5,
+        "expected the console's 5 commands, found {}",
         mine.len()
     );
     for c in mine {

@@ -242,7 +242,9 @@ mod tests {
     fn usage_of_verb_lists_sub_commands() {
         assert_eq!(
             usage_of_verb("Library").as_deref(),
-            Some("library [-output table|json]\nlibrary delete <name> [-output table|json]")
+            Some(
+                "library [-output table|json]\nlibrary delete <name> [-output table|json]\nlibrary upload <file> [-signature <path>] [-description <description>] [-name <name>]"
+            )
         );
         assert_eq!(usage_of_verb("nope"), None);
     }

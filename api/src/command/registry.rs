@@ -782,6 +782,31 @@ static REGISTRY: &[CommandSpec] = &[
         examples: &["fg 3"],
     },
     CommandSpec {
+        name: "download",
+        aliases: &[],
+        hints: &[],
+        tier: Tier::Console,
+        handler: Handler::Console,
+        platforms: ALL,
+        positional: &[required(
+            "id",
+            ValueKind::Text,
+            "Id of the getfile (as status lists it), or the Command's name.",
+        )],
+        named: NONE_PARAMS,
+        flags: &[flag(
+            "full_output",
+            "The command's whole output instead of a getfile's file (when it outgrew 64 KiB).",
+        )],
+        prerequisites: &[],
+        columns: NONE_COLUMNS,
+        background_allowed: false,
+        timeout: TimeoutClass::Normal,
+        summary: "Download a getfile's file, or a command's whole output, to this computer",
+        help: "Through the Kubernetes API server with your credentials (audited); resumes a partial download and verifies the sha256. `> FILE` names the local file; by default it is the device file's name in the current folder.",
+        examples: &["download 4 > evidence.bin", "download 7 -full_output"],
+    },
+    CommandSpec {
         name: "exit",
         aliases: &["disconnect"],
         hints: &["quit", "logout"],
@@ -858,7 +883,7 @@ static REGISTRY: &[CommandSpec] = &[
     CommandSpec {
         name: "getfile",
         aliases: &[],
-        hints: &["download"],
+        hints: &[],
         tier: Tier::Advanced,
         handler: Handler::Provider,
         platforms: ALL,
@@ -966,6 +991,40 @@ static REGISTRY: &[CommandSpec] = &[
         summary: "Delete a file from the library",
         help: "Deletes the LibraryFile resource; devices that already received it keep their copy.",
         examples: &["library delete collect-logs.ps1"],
+    },
+    CommandSpec {
+        name: "library upload",
+        aliases: &[],
+        hints: &[],
+        tier: Tier::Console,
+        handler: Handler::Console,
+        platforms: ALL,
+        positional: &[required(
+            "file",
+            ValueKind::Path,
+            "Local file to add to the library.",
+        )],
+        named: &[
+            optional(
+                "signature",
+                ValueKind::Path,
+                "Its SSH signature (ssh-keygen -Y sign -n liveresponse.io -f KEY FILE).",
+            ),
+            optional("description", ValueKind::Text, "What the file is for."),
+            optional(
+                "name",
+                ValueKind::Text,
+                "Name of the LibraryFile (default: from the file name).",
+            ),
+        ],
+        flags: NONE_FLAGS,
+        prerequisites: &[],
+        columns: NONE_COLUMNS,
+        background_allowed: false,
+        timeout: TimeoutClass::Normal,
+        summary: "Add a local file to the namespace's library (library admins)",
+        help: "Sends the content through the file API, names it in a LibraryFile by sha256 and waits until the operator says Ready or Invalid.",
+        examples: &["library upload ./collect-logs.sh -description \"Collects logs\""],
     },
     CommandSpec {
         name: "putfile",
@@ -1205,7 +1264,12 @@ pub fn advanced_verbs() -> Vec<&'static str> {
 
 /// Verbs that only the console understands (`cls`, `jobs`...): never a Command.
 pub fn console_verbs() -> Vec<&'static str> {
+    // `library upload` is the console's, but `library` is a command verb too.
+    let commands = command_verbs();
     verbs_where(|s| !s.is_command())
+        .into_iter()
+        .filter(|v| !commands.contains(v))
+        .collect()
 }
 
 /// Verbs a Command may carry: every verb but the console's own.

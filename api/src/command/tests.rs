@@ -218,6 +218,15 @@ fn valid_cases() -> Vec<Valid> {
         .named("reason", "INC-4711 suspicious logins"),
         ok("jobs", "jobs"),
         ok("fg 3", "fg").pos("id", "3"),
+        ok("download 4 -full_output", "download")
+            .pos("id", "4")
+            .flag("full_output"),
+        ok(
+            "library upload ./x.sh -description \"Collects logs\"",
+            "library upload",
+        )
+        .pos("file", "./x.sh")
+        .named("description", "Collects logs"),
         ok("exit", "exit"),
         // analyze, collect
         ok(r#"analyze FILE "C:\Users\Public\evil.exe""#, "analyze")
@@ -929,7 +938,7 @@ fn error_messages_say_exactly_what_is_wrong() {
             .starts_with("processes: invalid value 'abc' for pid: expected a whole number")
     );
     assert!(msg("library delete").contains(
-        "usage: library [-output table|json]\n       library delete <name> [-output table|json]"
+        "usage: library [-output table|json]\n       library delete <name> [-output table|json]\n       library upload <file>"
     ));
     assert!(msg(r#"getfile "C:\a"#).starts_with("unterminated quote: the \" at column 9"));
 }
@@ -1131,7 +1140,18 @@ fn tiers_match_the_design() {
         ],
         Tier::Basic,
     );
-    tier_of(&["cls", "connect", "jobs", "fg", "exit"], Tier::Console);
+    tier_of(
+        &[
+            "cls",
+            "connect",
+            "jobs",
+            "fg",
+            "download",
+            "library upload",
+            "exit",
+        ],
+        Tier::Console,
+    );
     tier_of(
         &[
             "analyze",
@@ -1150,7 +1170,7 @@ fn tiers_match_the_design() {
         ],
         Tier::Advanced,
     );
-    assert_eq!(registry().len(), 33);
+    assert_eq!(registry().len(), 35);
 }
 
 #[test]
@@ -1195,7 +1215,17 @@ fn long_timeouts_are_the_designs() {
 fn handlers_partition_the_registry() {
     assert_eq!(
         handled_by(Handler::Console),
-        ["help", "status", "cls", "connect", "jobs", "fg", "exit"]
+        [
+            "help",
+            "status",
+            "cls",
+            "connect",
+            "jobs",
+            "fg",
+            "download",
+            "exit",
+            "library upload"
+        ]
     );
     assert_eq!(handled_by(Handler::Agent), ["trace"]);
     assert_eq!(handled_by(Handler::Operator), ["library", "library delete"]);
@@ -1217,7 +1247,7 @@ fn handlers_partition_the_registry() {
     assert_eq!(agent_commands(), ["help", "status", "trace"]);
     assert_eq!(
         console_verbs(),
-        ["cls", "connect", "exit", "fg", "jobs"],
+        ["cls", "connect", "download", "exit", "fg", "jobs"],
         "the admission policy's console list"
     );
     for v in command_verbs() {

@@ -300,6 +300,17 @@ fn decide_pending(
         Ok(inv) => inv,
         Err(e) => return fail(CommandPhase::Failed, "ParseError", e.clone()),
     };
+    if !inv.spec.is_command() {
+        // `library upload`: its verb is a command verb, so admission lets it through.
+        return fail(
+            CommandPhase::Failed,
+            "ConsoleOnly",
+            format!(
+                "{} runs in the console (kubectl liveresponse connect), not as a Command",
+                inv.spec.name
+            ),
+        );
+    }
     // Only the session's requester may type in it; admission says who created the command.
     match c.annotations().get(REQUESTED_BY_ANNOTATION) {
         None => {

@@ -114,6 +114,7 @@ fn report(step: Option<usize>, outcome: Outcome) -> Report {
             truncated: false,
             size: 10,
             sha256: "ab".repeat(32),
+            spilled: None,
         }),
     }
 }

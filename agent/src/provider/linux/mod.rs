@@ -222,7 +222,8 @@ mod tests {
             assert!(spec.supports(liveresponse_api::command::Platform::Linux));
             // Advanced verbs are the ones that move or change things.
             assert!(
-                spec.tier == liveresponse_api::command::Tier::Basic || name == "getfile",
+                spec.tier == liveresponse_api::command::Tier::Basic
+                    || ["getfile", "putfile", "run"].contains(&name),
                 "{name} is advanced"
             );
             assert_eq!(
