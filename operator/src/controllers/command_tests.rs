@@ -247,6 +247,25 @@ fn queued_with_auto_dispatches_its_first_prerequisite() {
 }
 
 #[test]
+fn a_run_whose_library_file_cannot_be_used_fails_before_it_is_sent() {
+    let c = cmd("run", &["collect.sh"], Some(CommandPhase::Queued));
+    let mut o = obs(&c);
+    o.content = Some(Err("library file collect is not ready: unsigned".into()));
+    let f = finish(decide(&c, &o));
+    assert_eq!(f.reason, "LibraryFileUnusable");
+    assert!(f.message.contains("not ready"), "{}", f.message);
+    // Usable: sent, and the content goes with it (apply fills Execute.content from `o`).
+    o.content = Some(Ok(liveresponse_api::proto::Content::default()));
+    assert!(matches!(decide(&c, &o), Decision::Dispatch { .. }));
+}
+
+#[test]
+fn a_console_only_command_is_not_a_command() {
+    let c = cmd("library", &["upload", "./x.sh"], None);
+    assert_eq!(finish(decide(&c, &obs(&c))).reason, "ConsoleOnly");
+}
+
+#[test]
 fn queued_cancelled_before_it_started() {
     let mut c = cmd("dir", &[], Some(CommandPhase::Queued));
     c.spec.cancel = true;

@@ -191,3 +191,80 @@ pub(super) async fn serve(
     });
     Ok(ReceiverStream::new(rx))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use liveresponse_api::proto::{Content, Execute, Hello};
+
+    use super::super::{AGENT_QUEUE, CommandTarget};
+    use super::*;
+
+    /// A device may fetch only the library file of a putfile or run sent to it, and only
+    /// while it is in flight: a malicious agent cannot read another device's files, nor a
+    /// file no command of its own names.
+    #[tokio::test]
+    async fn only_the_commands_own_device_may_fetch_its_file() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("static url"));
+        let client = kube::Client::try_from(config).expect("client without a server");
+        let ca = Arc::new(crate::pki::Ca::generate().expect("ca"));
+        let gw = Gateway::new(
+            client,
+            ca,
+            "test".into(),
+            Duration::from_secs(5),
+            crate::metrics::Metrics::new(),
+            crate::pki::DEFAULT_DEVICE_LIFETIME,
+        );
+        let key = |d: &str| ("ns".to_string(), d.to_string());
+        let mut keep = Vec::new();
+        for d in ["ours", "theirs"] {
+            let (tx, rx) = mpsc::channel(AGENT_QUEUE);
+            keep.push(rx);
+            gw.register(key(d), Hello::default(), tx)
+                .expect("connected");
+        }
+        let send = |uid: &str, device: &str, content: Option<Content>| {
+            let target = CommandTarget {
+                namespace: "ns".into(),
+                name: uid.into(),
+                device: key(device),
+                step: None,
+            };
+            let exec = Execute {
+                command_uid: uid.into(),
+                command: if content.is_some() { "run" } else { "dir" }.into(),
+                content,
+                ..Default::default()
+            };
+            gw.execute(target, exec).expect("sent");
+        };
+        let script = Content {
+            name: "collect".into(),
+            file_name: "collect.sh".into(),
+            size: 10,
+            ..Default::default()
+        };
+        send("run-1", "ours", Some(script));
+        send("dir-1", "ours", None);
+
+        let allowed = gw.content_source(&key("ours"), "run-1").expect("its own");
+        assert_eq!(
+            allowed,
+            ContentSource {
+                namespace: "ns".into(),
+                library: "collect".into(),
+                size: 10,
+            }
+        );
+        for (device, uid) in [("theirs", "run-1"), ("ours", "dir-1"), ("ours", "nope")] {
+            let e = gw.content_source(&key(device), uid).expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{device} {uid}");
+        }
+        // Finished: nothing more to fetch.
+        gw.forget("run-1");
+        assert!(gw.content_source(&key("ours"), "run-1").is_err());
+    }
+}
