@@ -164,6 +164,16 @@ pub fn run_script(
         }
         None => Command::new(script),
     };
+    // A fresh environment: the agent's own (its flags, a proxy's credentials) is not the
+    // script's business.
+    cmd.env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .env("LIVERESPONSE", "1");
     cmd.args(params)
         .current_dir(cwd)
         .stdin(Stdio::null())
@@ -268,6 +278,30 @@ mod tests {
         .expect("ran");
         assert_eq!(r.records[0]["exitCode"], 0);
         assert_eq!(r.records[0]["stdout"], format!("1\n{param}\n"));
+    }
+
+    #[test]
+    fn the_script_does_not_inherit_the_agents_environment() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = script(dir.path(), "env.sh", "env\n");
+        let r = run_script(&ExecContext::new("/"), &s, &[], dir.path(), 1 << 20).expect("ran");
+        let out = r.records[0]["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(out.contains("LIVERESPONSE=1"), "{out}");
+        // Whatever this test process has (cargo sets CARGO_PKG_NAME for it) stays out.
+        let ours: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| !["PATH", "HOME", "LANG", "PWD", "SHLVL", "_"].contains(&k.as_str()))
+            .collect();
+        assert!(!ours.is_empty(), "the test process has some environment");
+        for k in ours {
+            assert!(
+                !out.contains(&format!("\n{k}=")) && !out.starts_with(&format!("{k}=")),
+                "{k} leaked: {out}"
+            );
+        }
     }
 
     #[test]
