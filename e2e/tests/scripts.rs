@@ -97,11 +97,29 @@ pub async fn run_checks_signatures_and_passes_parameters_literally(
         refusal(&c)
     );
 
-    // Signed by a trusted key: it runs, and the parameter arrives as one literal argument.
-    let mut signed = spec("args.sh", inline(args_sh));
-    signed.signature = Some(sign(&trusted, args_sh.as_bytes())?);
-    put(env, ns, "args", signed).await?;
-    ready(env, ns, "args").await?;
+    // Uploaded by a library admin with `library upload`, signed by a trusted key: it runs,
+    // and the parameter arrives as one literal argument.
+    let dir = host_root("run-upload")?;
+    let file = dir.join("args.sh");
+    std::fs::write(&file, args_sh)?;
+    let sig = dir.join("args.sh.sig");
+    std::fs::write(&sig, sign(&trusted, args_sh.as_bytes())?)?;
+    let (ok, out, err) = lr::cli(
+        &env.cluster,
+        "library-admin",
+        &[
+            "-n",
+            ns,
+            "library",
+            "upload",
+            &file.to_string_lossy(),
+            "--signature",
+            &sig.to_string_lossy(),
+        ],
+    )?;
+    ensure!(ok, "library upload failed: {out}{err}");
+    ready(env, ns, "args.sh").await?;
+    let _ = std::fs::remove_dir_all(&dir);
     let param = "a;b & c | d $(e)";
     let c = run_json(&client, ns, "run-args", &["args.sh", "-parameters", param]).await?;
     lr::succeeded(&c)?;
