@@ -291,6 +291,17 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
     tmux.line("help findfile")?;
     tmux.wait_for("usage: findfile", T).await?;
 
+    // A large getfile shows a progress bar with its total while it moves.
+    let big = work.join("big.img");
+    std::fs::File::create(&big)?.set_len(400 << 20)?;
+    tmux.line(&format!("getfile {}", big.display()))?;
+    tmux.wait_for("/400.00 MiB", T)
+        .await
+        .context("no progress bar with the file's total")?;
+    tmux.wait_for("6ed5e85372e48880", Duration::from_secs(120))
+        .await
+        .context("the large getfile did not finish")?;
+
     // getfile, then download brings the file to this computer through the file API.
     let src = work.join("evidence.txt");
     let body: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
@@ -337,10 +348,10 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
         .filter(|c| c.spec.session == session_name)
         .collect();
     // processes, the cancelled findfile, the background findfile, processes > out.txt and
-    // getfile; help, download and the parse error never became Commands.
+    // two getfiles; help, download and the parse error never became Commands.
     ensure!(
-        mine.len() == 5,
-        "expected the console's 5 commands, found {}",
+        mine.len() == 6,
+        "expected the console's 6 commands, found {}",
         mine.len()
     );
     for c in mine {
