@@ -8,7 +8,7 @@
 //! trusts only its own list and never runs unsigned content, so even a compromised operator
 //! cannot make it run what no trusted key signed.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,10 +114,12 @@ pub async fn fetch(
     cancelled: &AtomicBool,
     deadline: Option<Instant>,
 ) -> Result<(), ExecError> {
-    let mut file = std::fs::OpenOptions::new()
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::OpenOptions::new()
         .create_new(true)
         .write(true)
         .open(dest)
+        .await
         .map_err(|e| ExecError::Failed(format!("cannot create {}: {e}", dest.display())))?;
     let mut written: u64 = 0;
     let mut last_error = String::new();
@@ -172,12 +174,12 @@ pub async fn fetch(
                             &format!("more than {} bytes", content.size),
                         ));
                     }
-                    file.write_all(&chunk.data).map_err(|e| {
+                    file.write_all(&chunk.data).await.map_err(|e| {
                         ExecError::Failed(format!("cannot write {}: {e}", dest.display()))
                     })?;
                 }
                 Ok(None) => {
-                    file.sync_all().map_err(|e| {
+                    file.sync_all().await.map_err(|e| {
                         ExecError::Failed(format!("cannot write {}: {e}", dest.display()))
                     })?;
                     return Ok(());

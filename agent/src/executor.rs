@@ -308,7 +308,12 @@ impl Executor {
                     .then(|| Instant::now() + Duration::from_secs(u64::from(exec.timeout_seconds))),
                 notes: Arc::default(),
             };
-            match self.stage(exec, name, &ctx).await {
+            // A fetch that stalls must still end on cancel and at the deadline.
+            let staging = tokio::select! {
+                r = self.stage(exec, name, &ctx) => r,
+                why = stopped(ctx.cancelled.clone(), ctx.deadline) => Err(why),
+            };
+            match staging {
                 Err(e) => Err(e),
                 Ok(staged) => {
                     let me = self.clone();
@@ -483,8 +488,19 @@ impl Executor {
             ctx.deadline,
         )
         .await;
-        let verified = fetched
-            .and_then(|()| crate::content::verify(&dest, &content, files.own_signers.as_deref()));
+        // Hashing (and a signature's read) of up to maxLibraryFileSize is blocking work.
+        let verified = match fetched {
+            Ok(()) => {
+                let (dest, content, own) =
+                    (dest.clone(), content.clone(), files.own_signers.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::content::verify(&dest, &content, own.as_deref())
+                })
+                .await
+                .unwrap_or_else(|e| Err(ExecError::Failed(format!("verifying crashed: {e}"))))
+            }
+            Err(e) => Err(e),
+        };
         match verified {
             Ok(verified) => {
                 tracing::info!(library = %content.name, signer = verified.signer.as_deref().unwrap_or(""), "library file verified");

@@ -708,15 +708,22 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
         }
         _ => Ok(()),
     };
+    let exec = current_execution(c, parsed.as_ref().ok());
+    let uid = c.uid().unwrap_or_default();
+    let inflight = ctx.gateway.inflight(&exec.uid);
+    // Looked up only when it may be sent (queued, or running but not in flight here after
+    // a restart or reconnect), not on every progress update.
+    let may_send = match phase(c) {
+        Some(CommandPhase::Queued) => true,
+        Some(CommandPhase::Running) => inflight.is_none(),
+        _ => false,
+    };
     let content = match (&parsed, &session) {
-        (Ok(inv), Some(_)) if !final_phase && matches!(inv.spec.name, "putfile" | "run") => {
+        (Ok(inv), Some(_)) if may_send && matches!(inv.spec.name, "putfile" | "run") => {
             Some(library_content(inv, &ns, &limits, ctx).await?)
         }
         _ => None,
     };
-    let exec = current_execution(c, parsed.as_ref().ok());
-    let uid = c.uid().unwrap_or_default();
-    let inflight = ctx.gateway.inflight(&exec.uid);
     Ok(Observed {
         now: jiff::Timestamp::now(),
         uptime: ctx.started.elapsed(),

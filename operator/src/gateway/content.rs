@@ -109,11 +109,16 @@ pub(super) async fn serve(
             src.size
         )));
     }
+    if offset == src.size {
+        // All of it arrived before the stream broke: nothing more to send.
+        drop(tx);
+        return Ok(ReceiverStream::new(rx));
+    }
     if let Some(sha) = lf.spec.source.artifact.clone() {
         // One byte more than validated, so a longer object shows as such on the device.
         let end = src.size.saturating_add(1);
         let reading = store
-            .get(&sha, Some(offset..end.max(offset + 1)))
+            .get(&sha, Some(offset..end))
             .await
             .map_err(|e| Status::unavailable(format!("the artifact store failed: {e}")))?
             .ok_or_else(|| Status::not_found(format!("artifact {sha} is gone from the store")))?;
