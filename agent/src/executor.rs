@@ -81,6 +81,8 @@ pub struct Executor {
     files: Mutex<Files>,
     /// The current connection's channel, for fetching library files.
     channel: ChannelSlot,
+    /// The remediation journal in the state folder.
+    journal: Mutex<Option<Arc<crate::journal::Journal>>>,
 }
 
 /// A library file fetched and verified for putfile or run.
@@ -109,11 +111,20 @@ impl Executor {
                 None,
             )),
             channel: ChannelSlot::default(),
+            journal: Mutex::new(None),
         })
     }
 
     /// Where putfile and run keep library files, and whom they trust.
     pub fn set_files(&self, files: Files) {
+        let journal = match crate::journal::Journal::open(&files.state_dir) {
+            Ok(j) => Some(Arc::new(j)),
+            Err(e) => {
+                tracing::error!(dir = %files.state_dir.display(), error = %e, "cannot open the remediation journal; remediate and undo will fail");
+                None
+            }
+        };
+        *self.journal.lock().unwrap_or_else(|p| p.into_inner()) = journal;
         *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
     }
 
@@ -307,6 +318,12 @@ impl Executor {
                 deadline: (exec.timeout_seconds > 0)
                     .then(|| Instant::now() + Duration::from_secs(u64::from(exec.timeout_seconds))),
                 notes: Arc::default(),
+                command_uid: uid.clone(),
+                journal: self
+                    .journal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
             };
             // A fetch that stalls must still end on cancel and at the deadline.
             let staging = tokio::select! {

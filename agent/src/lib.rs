@@ -5,6 +5,7 @@ pub mod connection;
 pub mod content;
 pub mod enroll;
 pub mod executor;
+pub mod journal;
 pub mod logging;
 pub mod provider;
 pub mod transfer;

@@ -1,8 +1,9 @@
 //! OS providers: what a device command finds out about the machine the agent runs on.
 //!
 //! The executor parses a command with the registry, then hands the [`Invocation`] to the
-//! provider of this OS together with an [`ExecContext`]. Providers only read: they never
-//! change the device (remediation lives elsewhere), and every host file they read is read
+//! provider of this OS together with an [`ExecContext`]. Providers read, except for the
+//! remediation verbs (`remediate`, `undo`), which change the device only through the
+//! journal in [`ExecContext::journal`]. Every host file they read is read
 //! below [`ExecContext::host_root`], so the same code serves an agent installed on the host
 //! and one in a DaemonSet that mounts the host at `/host`.
 
@@ -38,6 +39,10 @@ pub struct ExecContext {
     /// Host files the provider refused or cut short (a FIFO, a file too large): parsers
     /// that skip optional files silently would otherwise hide them from the analyst.
     pub notes: Arc<Mutex<Vec<String>>>,
+    /// The Command's uid: what makes a remediation act once however often it is sent.
+    pub command_uid: String,
+    /// The remediation journal, where the agent has a state folder.
+    pub journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl ExecContext {
@@ -49,6 +54,8 @@ impl ExecContext {
             cancelled: Arc::new(AtomicBool::new(false)),
             deadline: None,
             notes: Arc::default(),
+            command_uid: String::new(),
+            journal: None,
         }
     }
 

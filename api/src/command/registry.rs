@@ -1080,7 +1080,13 @@ static REGISTRY: &[CommandSpec] = &[
             ENTITY,
         ],
         named: NONE_PARAMS,
-        flags: &[flag("auto", "Run analyze on the entity first.")],
+        flags: &[
+            flag("auto", "Run analyze on the entity first."),
+            flag(
+                "quarantine",
+                "process: also quarantine the process's executable.",
+            ),
+        ],
         prerequisites: &["analyze"],
         columns: AUTO_REMEDIATION_COLUMNS,
         background_allowed: true,
@@ -1196,7 +1202,10 @@ static REGISTRY: &[CommandSpec] = &[
             ),
         ],
         named: NONE_PARAMS,
-        flags: NONE_FLAGS,
+        flags: &[flag(
+            "force",
+            "Restore even over a file that exists again at the path.",
+        )],
         prerequisites: &[],
         columns: AUTO_REMEDIATION_COLUMNS,
         background_allowed: true,

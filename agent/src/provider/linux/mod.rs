@@ -15,6 +15,7 @@ mod hostfs;
 mod network;
 mod persistence;
 mod processes;
+mod remediate;
 mod scripts;
 mod system;
 
@@ -36,10 +37,13 @@ const COMMANDS: &[&str] = &[
     "persistence",
     "processes",
     "putfile",
+    "remediate",
+    "remediate list",
     "run",
     "scheduledtasks",
     "services",
     "startupfolders",
+    "undo",
 ];
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -89,6 +93,9 @@ impl Provider for LinuxProvider {
             "scheduledtasks" => persistence::scheduledtasks(ctx, inv),
             "startupfolders" => persistence::startupfolders(ctx),
             "persistence" => persistence::persistence(ctx),
+            "remediate" => remediate::remediate(ctx, inv),
+            "remediate list" => remediate::list(ctx),
+            "undo" => remediate::undo(ctx, inv),
             // Streamed by the executor through open_file, not answered as records.
             "getfile" | "putfile" | "run" => Err(ExecError::Failed(format!(
                 "{} is carried out by the agent's executor",
@@ -223,7 +230,15 @@ mod tests {
             // Advanced verbs are the ones that move or change things.
             assert!(
                 spec.tier == liveresponse_api::command::Tier::Basic
-                    || ["getfile", "putfile", "run"].contains(&name),
+                    || [
+                        "getfile",
+                        "putfile",
+                        "run",
+                        "remediate",
+                        "remediate list",
+                        "undo"
+                    ]
+                    .contains(&name),
                 "{name} is advanced"
             );
             assert_eq!(

@@ -104,7 +104,7 @@ impl Tree {
     }
 
     /// Stops everything: freeze first, so nothing forks while it is being killed.
-    fn kill(&mut self, pgid: i32) -> Vec<i32> {
+    fn kill(&mut self, pgid: Option<i32>) -> Vec<i32> {
         for _ in 0..3 {
             self.grow();
             self.signal(libc::SIGSTOP);
@@ -112,12 +112,27 @@ impl Tree {
         self.grow();
         let pids: Vec<i32> = self.members.keys().copied().collect();
         self.signal(libc::SIGKILL);
-        // SAFETY: the script's own process group, created for it.
-        unsafe {
-            libc::killpg(pgid, libc::SIGKILL);
+        if let Some(pgid) = pgid {
+            // SAFETY: the script's own process group, created for it.
+            unsafe {
+                libc::killpg(pgid, libc::SIGKILL);
+            }
         }
         pids
     }
+}
+
+/// Stops a running process and every process it started (`remediate process`): the pids
+/// stopped, root first when it was running.
+pub(super) fn kill_tree(pid: i32) -> Vec<i32> {
+    let mut tree = Tree::default();
+    if let Some((_, start)) = stat(pid) {
+        tree.members.insert(pid, start);
+    }
+    let mut pids = tree.kill(None);
+    pids.sort_unstable_by_key(|p| (*p != pid, *p));
+    // Reap what this agent started itself (none in practice); others' parents reap theirs.
+    pids
 }
 
 /// Reads a pipe to its end, keeping at most `limit` bytes.
@@ -206,7 +221,7 @@ pub fn run_script(
             }
         }
         if let Err(stop) = ctx.check() {
-            let pids = tree.kill(pid);
+            let pids = tree.kill(Some(pid));
             let _ = child.wait();
             tracing::info!(?pids, "script stopped with its process tree");
             return Err(stop);
@@ -220,7 +235,7 @@ pub fn run_script(
     let leftovers: HashSet<i32> = if tree.members.is_empty() {
         HashSet::new()
     } else {
-        tree.kill(pid).into_iter().collect()
+        tree.kill(Some(pid)).into_iter().collect()
     };
     let (stdout, out_cut) = out.and_then(|h| h.join().ok()).unwrap_or_default();
     let (stderr, err_cut) = err.and_then(|h| h.join().ok()).unwrap_or_default();
@@ -251,6 +266,18 @@ pub fn run_script(
         ));
     }
     Ok(r)
+}
+
+/// How many `sleep D` processes run for the given durations (tests find their own sleeps).
+#[cfg(test)]
+pub(super) fn tests_count_sleeps(durations: &[&str]) -> usize {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
+        .filter(|c| durations.iter().any(|d| *c == format!("sleep\0{d}\0")))
+        .count()
 }
 
 #[cfg(test)]

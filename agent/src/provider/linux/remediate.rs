@@ -1,0 +1,690 @@
+//! `remediate`, `undo` and `remediate list` on Linux, through the journal: a file is
+//! quarantined (moved into the journal, mode 000) with its bytes, mode, owner, times and
+//! extended attributes recorded, so `undo` puts back exactly what was there; a process is
+//! stopped with its whole tree (and, with `-quarantine`, its executable quarantined).
+//!
+//! Every step is write-ahead (intent, act, done), keyed by the Command's uid: a remediation
+//! sent twice, or cut by an agent restart, acts once.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use liveresponse_api::command::Invocation;
+use sha2::{Digest, Sha256};
+
+use super::hostfs::{HostFs, file_name, io_error, normalize, parent};
+use super::required;
+use crate::journal::{Entry, FileBackup, Journal, State, id_for};
+use crate::provider::{CommandResult, ExecContext, ExecError};
+
+fn journal(ctx: &ExecContext) -> Result<Arc<Journal>, ExecError> {
+    ctx.journal.clone().ok_or_else(|| {
+        ExecError::Failed("this agent has no remediation journal (no state folder)".into())
+    })
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+fn record(e: &Entry, note: Option<String>) -> CommandResult {
+    let mut r = CommandResult::with_records(vec![e.record()]);
+    r.warnings.extend(note);
+    r
+}
+
+fn io(what: &str, e: std::io::Error) -> ExecError {
+    ExecError::Failed(format!("{what}: {e}"))
+}
+
+pub(super) fn remediate(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
+    let kind = required(inv, "type")?;
+    let entity = required(inv, "entity")?;
+    match kind {
+        "file" => quarantine_file(ctx, entity, "file"),
+        "process" => stop_process(ctx, entity, inv.has_flag("quarantine")),
+        "registry" => Err(ExecError::NotSupported {
+            command: "remediate registry".into(),
+            os: "linux".into(),
+        }),
+        other => Err(ExecError::Failed(format!(
+            "remediate {other} is not implemented by this agent ({}) yet",
+            env!("CARGO_PKG_VERSION")
+        ))),
+    }
+}
+
+pub(super) fn list(ctx: &ExecContext) -> Result<CommandResult, ExecError> {
+    let j = journal(ctx)?;
+    Ok(CommandResult::with_records(
+        j.list().iter().map(Entry::record).collect(),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// files
+
+/// Extended attributes of a path (not followed), name and hex value.
+fn xattrs(path: &Path) -> Vec<(String, String)> {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return vec![];
+    };
+    let mut names = vec![0u8; 64 * 1024];
+    // SAFETY: the buffer is as large as said; the path is NUL-terminated.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return vec![];
+    }
+    names.truncate(n as usize);
+    names
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .filter_map(|name| {
+            let cname = CString::new(name).ok()?;
+            let mut value = vec![0u8; 64 * 1024];
+            // SAFETY: as above.
+            let len = unsafe {
+                libc::lgetxattr(
+                    c.as_ptr(),
+                    cname.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    value.len(),
+                )
+            };
+            (len >= 0).then(|| {
+                value.truncate(len as usize);
+                (
+                    String::from_utf8_lossy(name).into_owned(),
+                    hex::encode(value),
+                )
+            })
+        })
+        .collect()
+}
+
+fn set_xattrs(path: &Path, attrs: &[(String, String)]) -> Vec<String> {
+    let mut failed = Vec::new();
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return attrs.iter().map(|(n, _)| n.clone()).collect();
+    };
+    for (name, value) in attrs {
+        let (Ok(cname), Ok(bytes)) = (CString::new(name.as_bytes()), hex::decode(value)) else {
+            failed.push(name.clone());
+            continue;
+        };
+        // SAFETY: NUL-terminated path and name, a buffer of the given length.
+        let rc = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            failed.push(name.clone());
+        }
+    }
+    failed
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((size, hex::encode(h.finalize())));
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+}
+
+/// Moves `from` to `to`: a rename, or a copy that is synced before the original goes
+/// when they are on different file systems.
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            fs::copy(from, to)?;
+            fs::File::open(to)?.sync_all()?;
+            fs::remove_file(from)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Quarantines a file; `part` tells entries of one command apart (a process's executable).
+fn quarantine_file(
+    ctx: &ExecContext,
+    entity: &str,
+    part: &str,
+) -> Result<CommandResult, ExecError> {
+    let j = journal(ctx)?;
+    let _held = j.lock();
+    let id = id_for(&ctx.command_uid, part);
+    let hfs = HostFs::of(ctx);
+    if let Some(e) = j.get(&id) {
+        match e.state {
+            State::Intent => return finish_quarantine(ctx, &j, e),
+            _ => {
+                let note = format!(
+                    "already done for this command at {}: not done again",
+                    e.time
+                );
+                return Ok(record(&e, Some(note)));
+            }
+        }
+    }
+    // The last component is not followed: a link is not what the analyst named.
+    let device = hfs
+        .resolve(&ctx.working_directory, entity, false)
+        .map_err(|e| io_error(&e, &normalize(&ctx.working_directory, entity)))?;
+    let host = hfs.host_path(&device);
+    let meta = fs::symlink_metadata(&host).map_err(|e| io_error(&e, &device))?;
+    if meta.file_type().is_symlink() {
+        return Err(ExecError::InvalidArgument(format!(
+            "{device} is a symbolic link; remediate the file it points to ({})",
+            fs::read_link(&host)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        )));
+    }
+    if !meta.is_file() {
+        return Err(ExecError::InvalidArgument(format!(
+            "{device} is not a regular file; remediate file quarantines files"
+        )));
+    }
+    let (size, sha256) = sha256_file(&host).map_err(|e| io_error(&e, &device))?;
+    let e = Entry {
+        id: id.clone(),
+        command_uid: ctx.command_uid.clone(),
+        entity_type: "file".into(),
+        entity: device.clone(),
+        action: "quarantined".into(),
+        time: now(),
+        state: State::Intent,
+        file: Some(FileBackup {
+            path: device,
+            size,
+            sha256,
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            atime: (meta.atime(), meta.atime_nsec()),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            xattrs: xattrs(&host),
+        }),
+        pids: vec![],
+        undone_by: None,
+        undone_at: None,
+    };
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    finish_quarantine(ctx, &j, e)
+}
+
+/// The action after the intent, also what a replay after a crash runs: it looks at where
+/// the file is before moving anything.
+fn finish_quarantine(
+    ctx: &ExecContext,
+    j: &Journal,
+    mut e: Entry,
+) -> Result<CommandResult, ExecError> {
+    let backup = e
+        .file
+        .clone()
+        .ok_or_else(|| ExecError::Failed("a file entry without its backup".into()))?;
+    let host = HostFs::of(ctx).host_path(&backup.path);
+    let blob = j.blob(&e.id);
+    let original = fs::symlink_metadata(&host).is_ok();
+    let kept = fs::symlink_metadata(&blob).is_ok();
+    if original {
+        if kept {
+            // A copy across file systems was cut short: start it again.
+            let _ = fs::remove_file(&blob);
+        }
+        move_file(&host, &blob).map_err(|err| io_error(&err, &backup.path))?;
+    } else if !kept {
+        return Err(ExecError::Failed(format!(
+            "{} is gone and the journal holds no copy of it: it was moved or deleted by someone else while it was being quarantined",
+            backup.path
+        )));
+    }
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o000))
+        .map_err(|err| io("cannot lock the quarantined copy", err))?;
+    e.state = State::Done;
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    tracing::info!(id = %e.id, path = %backup.path, sha256 = %backup.sha256, "file quarantined");
+    Ok(record(&e, None))
+}
+
+// ---------------------------------------------------------------------------------------
+// processes
+
+fn stop_process(
+    ctx: &ExecContext,
+    entity: &str,
+    quarantine: bool,
+) -> Result<CommandResult, ExecError> {
+    let pid: i32 = entity.trim().parse().map_err(|_| {
+        ExecError::InvalidArgument(format!(
+            "remediate process takes a process id, not {entity:?}"
+        ))
+    })?;
+    if pid <= 1 || pid == std::process::id() as i32 {
+        return Err(ExecError::PermissionDenied(format!(
+            "refusing to stop process {pid}: it is init or this agent"
+        )));
+    }
+    let j = journal(ctx)?;
+    let id = id_for(&ctx.command_uid, "process");
+    match j.get(&id) {
+        Some(mut e) if e.state == State::Intent => {
+            // Cut short by an agent restart: whatever of the tree is left goes now.
+            let _held = j.lock();
+            e.pids.extend(super::scripts::kill_tree(pid));
+            e.state = State::Done;
+            j.write(&e)
+                .map_err(|err| io("cannot write the journal", err))?;
+            return Ok(record(
+                &e,
+                Some("finished a remediation an agent restart cut short".into()),
+            ));
+        }
+        Some(e) => {
+            return Ok(record(
+                &e,
+                Some(format!(
+                    "already done for this command at {}: not done again",
+                    e.time
+                )),
+            ));
+        }
+        None => {}
+    }
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+    if exe.is_none() && fs::metadata(format!("/proc/{pid}")).is_err() {
+        return Err(ExecError::NotFound(format!("no process {pid} is running")));
+    }
+    // The executable first: once the process is gone, its path cannot be read.
+    let mut notes = Vec::new();
+    if quarantine {
+        match &exe {
+            Some(path) => {
+                let device = HostFs::of(ctx).device_path(path);
+                let shown = if path.starts_with(&ctx.host_root) {
+                    device
+                } else {
+                    path.display().to_string()
+                };
+                if shown.ends_with(" (deleted)") {
+                    notes.push(format!(
+                        "its executable {shown} was already deleted: nothing to quarantine"
+                    ));
+                } else {
+                    let q = quarantine_file(ctx, &shown, "exe")?;
+                    notes.push(format!(
+                        "its executable {shown} was quarantined as {}",
+                        q.records
+                            .first()
+                            .and_then(|r| r["quarantineId"].as_str())
+                            .unwrap_or("?")
+                    ));
+                }
+            }
+            None => notes.push(
+                "its executable cannot be read (a kernel thread?): nothing quarantined".into(),
+            ),
+        }
+    }
+    let _held = j.lock();
+    let mut e = Entry {
+        id: id.clone(),
+        command_uid: ctx.command_uid.clone(),
+        entity_type: "process".into(),
+        entity: pid.to_string(),
+        action: "killed".into(),
+        time: now(),
+        state: State::Intent,
+        file: None,
+        pids: vec![],
+        undone_by: None,
+        undone_at: None,
+    };
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    let pids = super::scripts::kill_tree(pid);
+    e.pids = pids.clone();
+    e.state = State::Done;
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    tracing::info!(pid, ?pids, "process tree stopped");
+    notes.push(format!("stopped {} processes: {pids:?}", pids.len()));
+    let mut r = record(&e, None);
+    r.warnings.extend(notes);
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------
+// undo
+
+pub(super) fn undo(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
+    let kind = required(inv, "type")?;
+    let entity = required(inv, "entity")?;
+    let force = inv.has_flag("force");
+    let j = journal(ctx)?;
+    let _held = j.lock();
+    let all = j.list();
+    // By quarantine id, else the newest entry of that type for that entity.
+    let wanted = normalize(&ctx.working_directory, entity);
+    let found = all
+        .iter()
+        .find(|e| e.id == entity && e.entity_type == kind)
+        .or_else(|| {
+            all.iter()
+                .rev()
+                .find(|e| e.entity_type == kind && (e.entity == entity || e.entity == wanted))
+        })
+        .cloned()
+        .ok_or_else(|| {
+            ExecError::NotFound(format!(
+                "the journal has no {kind} remediation of {entity}; `remediate list` shows what can be undone"
+            ))
+        })?;
+    match (kind, found.state) {
+        (_, State::Undone) => {
+            let note = format!(
+                "already undone at {} (by command {}): nothing to do",
+                found.undone_at.as_deref().unwrap_or("?"),
+                found.undone_by.as_deref().unwrap_or("?")
+            );
+            Ok(record(&found, Some(note)))
+        }
+        (_, State::Intent) => Err(ExecError::Failed(format!(
+            "remediation {} never finished (the agent stopped in the middle); run the remediate command again first",
+            found.id
+        ))),
+        ("process", _) => Err(ExecError::InvalidArgument(format!(
+            "a killed process cannot be brought back (remediation {}); start it again by hand if it was wrongly stopped",
+            found.id
+        ))),
+        ("file", _) => restore_file(ctx, &j, found, force),
+        (other, _) => Err(ExecError::Failed(format!(
+            "undo {other} is not implemented yet"
+        ))),
+    }
+}
+
+fn restore_file(
+    ctx: &ExecContext,
+    j: &Journal,
+    mut e: Entry,
+    force: bool,
+) -> Result<CommandResult, ExecError> {
+    let backup = e
+        .file
+        .clone()
+        .ok_or_else(|| ExecError::Failed("a file entry without its backup".into()))?;
+    let hfs = HostFs::of(ctx);
+    // The folder is resolved now (links within the root); the name is the recorded one.
+    let dir = hfs
+        .resolve("/", parent(&backup.path), true)
+        .map_err(|err| io_error(&err, parent(&backup.path)))?;
+    let device = super::hostfs::join(&dir, file_name(&backup.path));
+    let host = hfs.host_path(&device);
+    let blob = j.blob(&e.id);
+    if e.state == State::Done {
+        if fs::symlink_metadata(&host).is_ok() && !force {
+            return Err(ExecError::InvalidArgument(format!(
+                "{device} exists again since it was quarantined; undo -force replaces it with the quarantined copy"
+            )));
+        }
+        // The copy must still be what was taken: a journal altered on disk is refused.
+        let _ = fs::set_permissions(&blob, fs::Permissions::from_mode(0o400));
+        let (size, sha) =
+            sha256_file(&blob).map_err(|err| io("cannot read the quarantined copy", err))?;
+        if size != backup.size || sha != backup.sha256 {
+            let _ = fs::set_permissions(&blob, fs::Permissions::from_mode(0o000));
+            return Err(ExecError::Failed(format!(
+                "the quarantined copy of {device} changed in the journal (sha256 {sha}, not {}): not restored",
+                backup.sha256
+            )));
+        }
+        e.state = State::Undoing;
+        e.undone_by = Some(ctx.command_uid.clone());
+        j.write(&e)
+            .map_err(|err| io("cannot write the journal", err))?;
+        move_file(&blob, &host).map_err(|err| io_error(&err, &device))?;
+    }
+    // Undoing: the move happened, or happens above; put the metadata back either way.
+    // Owner before mode: a chown clears set-id bits.
+    std::os::unix::fs::lchown(&host, Some(backup.uid), Some(backup.gid))
+        .map_err(|err| io_error(&err, &device))?;
+    fs::set_permissions(&host, fs::Permissions::from_mode(backup.mode & 0o7777))
+        .map_err(|err| io_error(&err, &device))?;
+    let failed = set_xattrs(&host, &backup.xattrs);
+    let times = fs::FileTimes::new()
+        .set_accessed(system_time(backup.atime))
+        .set_modified(system_time(backup.mtime));
+    fs::File::options()
+        .write(true)
+        .open(&host)
+        .and_then(|f| f.set_times(times))
+        .map_err(|err| io_error(&err, &device))?;
+    e.state = State::Undone;
+    e.undone_at = Some(now());
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    tracing::info!(id = %e.id, path = %device, "file restored");
+    let note = (!failed.is_empty())
+        .then(|| format!("extended attributes not restored: {}", failed.join(", ")));
+    let mut r = record(&e, note);
+    if let Some(first) = r.records.first_mut() {
+        first["action"] = serde_json::json!("restored");
+    }
+    Ok(r)
+}
+
+fn system_time((secs, nanos): (i64, i64)) -> std::time::SystemTime {
+    let base = std::time::UNIX_EPOCH;
+    let nanos = u32::try_from(nanos).unwrap_or(0);
+    if secs >= 0 {
+        base + std::time::Duration::new(secs as u64, nanos)
+    } else {
+        base - std::time::Duration::new(secs.unsigned_abs(), 0) + std::time::Duration::new(0, nanos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::super::testutil::*;
+    use super::*;
+
+    /// A host root, a journal in a state folder beside it, and a context for command `uid`.
+    fn setup(uid: &str) -> (tempfile::TempDir, ExecContext) {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join("root/srv")).expect("root");
+        let j = Journal::open(&dir.path().join("state")).expect("journal");
+        let mut c = ctx(&dir.path().join("root"));
+        c.command_uid = uid.into();
+        c.journal = Some(Arc::new(j));
+        (dir, c)
+    }
+
+    fn with_uid(c: &ExecContext, uid: &str) -> ExecContext {
+        let mut c = c.clone();
+        c.command_uid = uid.into();
+        c
+    }
+
+    #[test]
+    fn quarantine_then_undo_restores_bytes_mode_and_times() {
+        let (dir, c) = setup("uid-q");
+        let f = dir.path().join("root/srv/evil.sh");
+        std::fs::write(&f, b"#!/bin/sh\necho evil\n").expect("write");
+        std::fs::set_permissions(&f, fs::Permissions::from_mode(0o751)).expect("chmod");
+        let old = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123_456_789);
+        fs::File::options()
+            .write(true)
+            .open(&f)
+            .and_then(|h| h.set_times(fs::FileTimes::new().set_modified(old).set_accessed(old)))
+            .expect("times");
+        let before = fs::metadata(&f).expect("meta");
+
+        let r = run(&c, "remediate", &["file", "/srv/evil.sh"]).expect("remediated");
+        assert!(!f.exists(), "the file is quarantined");
+        let id = r.records[0]["quarantineId"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let blob = c.journal.as_ref().expect("j").blob(&id);
+        assert_eq!(
+            fs::metadata(&blob).expect("blob").mode() & 0o777,
+            0,
+            "mode 000"
+        );
+        // Sent again (same command uid): nothing more happens.
+        let again = run(&c, "remediate", &["file", "/srv/evil.sh"]).expect("replay");
+        assert_eq!(again.records[0]["quarantineId"], id.as_str());
+        assert!(again.warnings[0].contains("not done again"));
+        assert_eq!(c.journal.as_ref().expect("j").list().len(), 1);
+
+        let u = run(&with_uid(&c, "uid-u"), "undo", &["file", &id]).expect("undone");
+        assert_eq!(u.records[0]["action"], "restored");
+        assert_eq!(fs::read(&f).expect("back"), b"#!/bin/sh\necho evil\n");
+        let after = fs::metadata(&f).expect("meta");
+        assert_eq!(after.mode(), before.mode());
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        assert_eq!(
+            (after.mtime(), after.mtime_nsec()),
+            (1_600_000_000, 123_456_789)
+        );
+        // An undo of an undo is a no-op that says so.
+        let twice = run(&with_uid(&c, "uid-u2"), "undo", &["file", "/srv/evil.sh"]).expect("no-op");
+        assert!(
+            twice.warnings[0].contains("already undone"),
+            "{:?}",
+            twice.warnings
+        );
+    }
+
+    #[test]
+    fn undo_refuses_a_file_that_is_back_unless_forced() {
+        let (dir, c) = setup("uid-r");
+        let f = dir.path().join("root/srv/x.bin");
+        std::fs::write(&f, b"one").expect("write");
+        run(&c, "remediate", &["file", "/srv/x.bin"]).expect("remediated");
+        std::fs::write(&f, b"new").expect("a new file at the path");
+        let e = run(&with_uid(&c, "u1"), "undo", &["file", "/srv/x.bin"]).expect_err("refused");
+        assert!(e.to_string().contains("-force"), "{e}");
+        assert_eq!(fs::read(&f).expect("kept"), b"new");
+        run(
+            &with_uid(&c, "u2"),
+            "undo",
+            &["file", "/srv/x.bin", "-force"],
+        )
+        .expect("forced");
+        assert_eq!(fs::read(&f).expect("restored"), b"one");
+    }
+
+    #[test]
+    fn an_interrupted_quarantine_is_finished_by_its_replay() {
+        let (dir, c) = setup("uid-i");
+        let f = dir.path().join("root/srv/half.txt");
+        std::fs::write(&f, b"half").expect("write");
+        // The intent was written, then the agent died before moving the file.
+        let j = c.journal.clone().expect("j");
+        let id = id_for("uid-i", "file");
+        let meta = fs::metadata(&f).expect("meta");
+        j.write(&Entry {
+            id: id.clone(),
+            command_uid: "uid-i".into(),
+            entity_type: "file".into(),
+            entity: "/srv/half.txt".into(),
+            action: "quarantined".into(),
+            time: now(),
+            state: State::Intent,
+            file: Some(FileBackup {
+                path: "/srv/half.txt".into(),
+                size: 4,
+                sha256: hex::encode(Sha256::digest(b"half")),
+                mode: meta.mode(),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                atime: (meta.atime(), meta.atime_nsec()),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                xattrs: vec![],
+            }),
+            pids: vec![],
+            undone_by: None,
+            undone_at: None,
+        })
+        .expect("intent");
+        run(&c, "remediate", &["file", "/srv/half.txt"]).expect("finished");
+        assert!(!f.exists());
+        assert_eq!(j.get(&id).map(|e| e.state), Some(State::Done));
+        assert_eq!(j.list().len(), 1);
+    }
+
+    #[test]
+    fn registry_and_links_are_refused() {
+        let (dir, c) = setup("uid-l");
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("root/srv/link")).expect("link");
+        let e = run(&c, "remediate", &["file", "/srv/link"]).expect_err("link");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let e = run(&c, "remediate", &["registry", "HKLM\\x"]).expect_err("registry");
+        assert_eq!(
+            e.to_string(),
+            "remediate registry is not supported on linux"
+        );
+    }
+
+    #[test]
+    fn a_process_tree_is_stopped_once() {
+        let (_dir, c) = setup("uid-p");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30041 & sleep 30042"])
+            .spawn()
+            .expect("spawn");
+        let pid = child.id().to_string();
+        // Let sh start its children.
+        let t = std::time::Instant::now();
+        while super::super::scripts::tests_count_sleeps(&["30041", "30042"]) < 2
+            && t.elapsed() < std::time::Duration::from_secs(5)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let r = run(&c, "remediate", &["process", &pid]).expect("stopped");
+        assert_eq!(r.records[0]["action"], "killed");
+        let _ = child.wait();
+        let t = std::time::Instant::now();
+        while super::super::scripts::tests_count_sleeps(&["30041", "30042"]) > 0
+            && t.elapsed() < std::time::Duration::from_secs(5)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(
+            super::super::scripts::tests_count_sleeps(&["30041", "30042"]),
+            0
+        );
+        let again = run(&c, "remediate", &["process", &pid]).expect("replay");
+        assert!(again.warnings[0].contains("not done again"));
+        let e = run(&with_uid(&c, "u"), "undo", &["process", &pid]).expect_err("no undo");
+        assert!(e.to_string().contains("cannot be brought back"), "{e}");
+        let e = run(&with_uid(&c, "u1"), "remediate", &["process", "1"]).expect_err("init");
+        assert_eq!(e.reason(), "PermissionDenied");
+    }
+}
