@@ -29,6 +29,17 @@ pub enum State {
     Undone,
 }
 
+/// An account as it was before it was locked: its /etc/shadow line (which holds the
+/// password hash: the journal is readable by the agent only, and no record shows it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountBackup {
+    pub name: String,
+    pub shadow_line: String,
+    /// The line the remediation wrote: undo restores only over this, unless forced.
+    pub locked_line: String,
+}
+
 /// A file as it was before it was quarantined.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -63,6 +74,8 @@ pub struct Entry {
     pub state: State,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileBackup>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountBackup>,
     /// Processes a `remediate process` stopped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pids: Vec<i32>,
@@ -196,6 +209,7 @@ mod tests {
             time: "2026-12-02T00:00:00Z".into(),
             state: State::Intent,
             file: None,
+            account: None,
             pids: vec![],
             undone_by: None,
             undone_at: None,

@@ -121,6 +121,7 @@ fn main() {
         scripts::putfile_overwrites_only_when_asked_and_keeps_only_when_asked,
         respond::a_quarantined_file_comes_back_exactly,
         respond::a_process_tree_is_stopped_and_its_executable_quarantined,
+        respond::an_account_is_locked_and_restored_by_a_responder,
     ];
     let serial = trials![
         env,

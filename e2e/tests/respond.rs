@@ -217,3 +217,92 @@ pub async fn a_remediation_sent_twice_acts_once(env: &'static Env) -> Result<()>
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
+
+fn sh(args: &[&str], stdin: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{args:?}"))?;
+    if let Some(text) = stdin
+        && let Some(mut i) = child.stdin.take()
+    {
+        i.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn shadow_of(user: &str) -> Result<String> {
+    std::fs::read_to_string("/etc/shadow")?
+        .lines()
+        .find(|l| l.starts_with(&format!("{user}:")))
+        .map(str::to_string)
+        .context("no shadow line")
+}
+
+/// remediate user locks an account this test creates on this machine (`passwd -S` shows
+/// it locked) and undo restores its shadow line exactly; root is refused; an advanced
+/// analyst needs the responder role for it.
+pub async fn an_account_is_locked_and_restored_by_a_responder(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-accounts", "this-host");
+    let user = "lr-e2e-victim";
+    let _ = sh(&["userdel", user], None);
+    sh(&["useradd", "-M", "-s", "/bin/sh", user], None)?;
+    let result = async {
+        sh(&["chpasswd"], Some(&format!("{user}:Correct-Horse-1\n")))?;
+        let before = shadow_of(user)?;
+        let status = sh(&["passwd", "-S", user], None)?;
+        ensure!(status.split_whitespace().nth(1) == Some("P"), "{status}");
+        let client = setup(env, ns, device, std::path::Path::new("/")).await?;
+
+        // Without the responder role, admission refuses it.
+        let refused = Cmd::new("s", "remediate", &["user", user])
+            .create(&client, ns, "lock-refused")
+            .await;
+        ensure!(
+            refused.is_err_and(|e| format!("{e:#}").contains("liveresponse-responder")),
+            "an advanced analyst without the responder role could lock an account"
+        );
+        let binding = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: responders, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: liveresponse-responder}}\nsubjects:\n- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: \"liveresponse:analysts-advanced\"}}\n"
+        );
+        env.cluster
+            .kubectl_ok("admin", &["apply", "-f", "-"], Some(&binding))?;
+
+        let r = json(&client, ns, "lock", "remediate", &["user", user]).await?;
+        ensure!(r["action"] == "locked", "{r}");
+        let status = sh(&["passwd", "-S", user], None)?;
+        ensure!(
+            status.split_whitespace().nth(1) == Some("L"),
+            "passwd -S does not show the account locked: {status}"
+        );
+        eprintln!("accounts: after remediate user, passwd -S says: {}", status.trim());
+        let c = Cmd::new("s", "remediate", &["user", "root"])
+            .run(&client, ns, "lock-root")
+            .await?;
+        ensure!(
+            lr::error(&c).is_some_and(|e| e.message.contains("root account")),
+            "root was not refused: {:?}",
+            c.status
+        );
+        let u = json(&client, ns, "unlock", "undo", &["user", user]).await?;
+        ensure!(u["action"] == "restored", "{u}");
+        ensure!(shadow_of(user)? == before, "the shadow line did not come back exactly");
+        let status = sh(&["passwd", "-S", user], None)?;
+        ensure!(status.split_whitespace().nth(1) == Some("P"), "{status}");
+        Ok(())
+    }
+    .await;
+    env.stack.kill_agent(ns, device);
+    let _ = sh(&["userdel", user], None);
+    result
+}

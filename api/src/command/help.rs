@@ -225,7 +225,7 @@ mod tests {
         );
         assert_eq!(
             usage(spec("remediate")),
-            "remediate <file|process|service|registry|scheduledtask|startupitem> <entity> [-auto] [-quarantine] [-output table|json]"
+            "remediate <file|process|service|registry|scheduledtask|startupitem|user> <entity> [-auto] [-quarantine] [-output table|json]"
         );
         assert_eq!(
             usage(spec("dir")),

@@ -48,9 +48,9 @@ pub use error::{ParseError, ParseErrorKind};
 pub use help::{help_answer, help_for, help_overview, usage};
 pub use parser::{ConsoleLine, Invocation, OutputFormat, parse_command, parse_line};
 pub use registry::{
-    Column, CommandSpec, ENTITY_TYPES, FlagSpec, Handler, ParamSpec, Platform, Tier, TimeoutClass,
-    ValueKind, advanced_verbs, agent_commands, alias_of, command_verbs, console_verbs, find,
-    handled_by, hinted_by, registry, timeout_class, verbs,
+    ACCOUNT_VERBS, Column, CommandSpec, ENTITY_TYPES, FlagSpec, Handler, ISOLATION_VERBS,
+    ParamSpec, Platform, Tier, TimeoutClass, ValueKind, advanced_verbs, agent_commands, alias_of,
+    command_verbs, console_verbs, find, handled_by, hinted_by, registry, timeout_class, verbs,
 };
 
 #[cfg(test)]

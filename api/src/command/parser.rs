@@ -105,6 +105,20 @@ impl Invocation {
     pub fn has_flag(&self, name: &str) -> bool {
         self.flags.iter().any(|f| f.eq_ignore_ascii_case(name))
     }
+
+    /// The further virtual permission, a subresource of `commands` only the
+    /// liveresponse-responder role grants, that this command needs besides its tier:
+    /// `isolate` to cut a device off its network, `accounts` to act on a user account.
+    pub fn responder_subresource(&self) -> Option<&'static str> {
+        let verb = self.verb();
+        if super::registry::ISOLATION_VERBS.contains(&verb) {
+            return Some("isolate");
+        }
+        (super::registry::ACCOUNT_VERBS.contains(&verb)
+            && self.spec.subcommand().is_none()
+            && self.get("type") == Some("user"))
+        .then_some("accounts")
+    }
 }
 
 /// What an analyst typed: a command, and what the console does around it.

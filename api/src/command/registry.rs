@@ -226,7 +226,14 @@ pub const ENTITY_TYPES: &[&str] = &[
     "registry",
     "scheduledtask",
     "startupitem",
+    "user",
 ];
+
+/// Verbs that cut a device off its network: they need `create` on `commands/isolate`
+/// besides the advanced tier (the liveresponse-responder role).
+pub const ISOLATION_VERBS: &[&str] = &["isolate", "release"];
+/// Verbs whose `user` entity acts on accounts: `create` on `commands/accounts` too.
+pub const ACCOUNT_VERBS: &[&str] = &["remediate", "undo"];
 
 const fn required(name: &'static str, kind: ValueKind, help: &'static str) -> ParamSpec {
     ParamSpec {

@@ -737,7 +737,9 @@ fn invalid_cases() -> Vec<Invalid> {
                 command: s("remediate"),
                 name: s("type"),
                 value: s("proc"),
-                expected: s("one of file, process, service, registry, scheduledtask, startupitem"),
+                expected: s(
+                    "one of file, process, service, registry, scheduledtask, startupitem, user",
+                ),
             },
             Some("remediate list"),
         ),

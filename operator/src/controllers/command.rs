@@ -809,13 +809,28 @@ async fn library_content(
 /// namespace, as the tier admission policy does: if that policy's binding is missing, an
 /// advanced verb still fails, here.
 async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), String>> {
-    creator_may(c, ctx, "commands", Some("advanced"), "create", |user, ns| {
+    let tier = creator_may(c, ctx, "commands", Some("advanced"), "create", |user, ns| {
         format!(
             "{user} may not run the advanced command {}: it needs the liveresponse-advanced role (create on commands/advanced in namespace {ns}); ask your live response administrator for it",
             c.spec.command
         )
     })
-    .await
+    .await?;
+    let further = parse_command(&c.spec.command, &c.spec.args)
+        .ok()
+        .and_then(|i| i.responder_subresource());
+    match (tier, further) {
+        (Ok(()), Some(sub)) => {
+            creator_may(c, ctx, "commands", Some(sub), "create", |user, ns| {
+                format!(
+                    "{user} may not run {}: it needs the liveresponse-responder role (create on commands/{sub} in namespace {ns})",
+                    c.spec.command
+                )
+            })
+            .await
+        }
+        (tier, _) => Ok(tier),
+    }
 }
 
 /// Asks the API server whether the command's creator (the user and groups admission

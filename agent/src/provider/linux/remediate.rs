@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::hostfs::{HostFs, file_name, io_error, normalize, parent};
 use super::required;
-use crate::journal::{Entry, FileBackup, Journal, State, id_for};
+use crate::journal::{AccountBackup, Entry, FileBackup, Journal, State, id_for};
 use crate::provider::{CommandResult, ExecContext, ExecError};
 
 fn journal(ctx: &ExecContext) -> Result<Arc<Journal>, ExecError> {
@@ -48,6 +48,7 @@ pub(super) fn remediate(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRe
     match kind {
         "file" => quarantine_file(ctx, entity, "file"),
         "process" => stop_process(ctx, entity, inv.has_flag("quarantine")),
+        "user" => lock_user(ctx, entity),
         "registry" => Err(ExecError::NotSupported {
             command: "remediate registry".into(),
             os: "linux".into(),
@@ -213,6 +214,7 @@ fn quarantine_file(
         action: "quarantined".into(),
         time: now(),
         state: State::Intent,
+        account: None,
         file: Some(FileBackup {
             path: device,
             size,
@@ -357,6 +359,7 @@ fn stop_process(
         time: now(),
         state: State::Intent,
         file: None,
+        account: None,
         pids: vec![],
         undone_by: None,
         undone_at: None,
@@ -372,6 +375,214 @@ fn stop_process(
     notes.push(format!("stopped {} processes: {pids:?}", pids.len()));
     let mut r = record(&e, None);
     r.warnings.extend(notes);
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------
+// accounts
+
+/// A user name as useradd allows it: nothing that could reach into another shadow field.
+fn is_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-$".contains(&b))
+}
+
+/// The shadow line that disables an account and forces a new password: the hash locked
+/// with `!`, the last change at 0 (must change), and the account expired (day 1).
+fn locked(line: &str) -> Option<String> {
+    let mut f: Vec<String> = line.split(':').map(str::to_string).collect();
+    if f.len() < 9 {
+        return None;
+    }
+    if !f[1].starts_with('!') {
+        f[1] = format!("!{}", f[1]);
+    }
+    f[2] = "0".into();
+    f[7] = "1".into();
+    Some(f.join(":"))
+}
+
+/// Replaces `name`'s line in the host's /etc/shadow, keeping its mode and owner; `expect`
+/// is the line that must be there now.
+fn rewrite_shadow(
+    ctx: &ExecContext,
+    name: &str,
+    expect: Option<&str>,
+    new: &str,
+) -> Result<(), ExecError> {
+    let path = HostFs::of(ctx).host_path("/etc/shadow");
+    let text = fs::read_to_string(&path).map_err(|e| io_error(&e, "/etc/shadow"))?;
+    let meta = fs::metadata(&path).map_err(|e| io_error(&e, "/etc/shadow"))?;
+    let prefix = format!("{name}:");
+    let mut found = false;
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.lines() {
+        if line.starts_with(&prefix) {
+            if expect.is_some_and(|e| e != line) {
+                return Err(ExecError::InvalidArgument(format!(
+                    "the account {name} changed since it was remediated; undo -force restores it anyway"
+                )));
+            }
+            found = true;
+            out.push_str(new);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    if !found {
+        return Err(ExecError::NotFound(format!(
+            "no account {name} in /etc/shadow"
+        )));
+    }
+    let tmp = path.with_file_name(".shadow.liveresponse");
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+        std::io::Write::write_all(&mut f, out.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_error(&e, "/etc/shadow")
+    })
+}
+
+fn shadow_line(ctx: &ExecContext, name: &str) -> Result<String, ExecError> {
+    let text = HostFs::of(ctx)
+        .read_to_string("/etc/shadow")
+        .map_err(|e| io_error(&e, "/etc/shadow"))?;
+    let prefix = format!("{name}:");
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .map(str::to_string)
+        .ok_or_else(|| ExecError::NotFound(format!("no account {name} in /etc/shadow")))
+}
+
+fn lock_user(ctx: &ExecContext, name: &str) -> Result<CommandResult, ExecError> {
+    if !is_user_name(name) {
+        return Err(ExecError::InvalidArgument(format!(
+            "{name:?} is not a user name"
+        )));
+    }
+    let passwd = HostFs::of(ctx)
+        .read_to_string("/etc/passwd")
+        .map_err(|e| io_error(&e, "/etc/passwd"))?;
+    let uid: u32 = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && f[0] == name)
+        .and_then(|f| f[2].parse().ok())
+        .ok_or_else(|| ExecError::NotFound(format!("no account {name} in /etc/passwd")))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return Err(ExecError::PermissionDenied(format!(
+            "{name} is the root account (uid 0): it is never locked"
+        )));
+    }
+    if uid == me {
+        return Err(ExecError::PermissionDenied(format!(
+            "{name} is the account this agent runs as: locking it would cut off live response"
+        )));
+    }
+    let j = journal(ctx)?;
+    let _held = j.lock();
+    let id = id_for(&ctx.command_uid, "user");
+    if let Some(e) = j.get(&id).filter(|e| e.state != State::Intent) {
+        return Ok(record(
+            &e,
+            Some(format!(
+                "already done for this command at {}: not done again",
+                e.time
+            )),
+        ));
+    }
+    let e = match j.get(&id) {
+        Some(e) => e,
+        None => {
+            let line = shadow_line(ctx, name)?;
+            let locked_line = locked(&line).ok_or_else(|| {
+                ExecError::Failed(format!("the /etc/shadow line of {name} has too few fields"))
+            })?;
+            let e = Entry {
+                id: id.clone(),
+                command_uid: ctx.command_uid.clone(),
+                entity_type: "user".into(),
+                entity: name.into(),
+                action: "locked".into(),
+                time: now(),
+                state: State::Intent,
+                file: None,
+                account: Some(AccountBackup {
+                    name: name.into(),
+                    shadow_line: line,
+                    locked_line,
+                }),
+                pids: vec![],
+                undone_by: None,
+                undone_at: None,
+            };
+            j.write(&e)
+                .map_err(|err| io("cannot write the journal", err))?;
+            e
+        }
+    };
+    let acct = e
+        .account
+        .clone()
+        .ok_or_else(|| ExecError::Failed("an account entry without its backup".into()))?;
+    // A replay finds the line already written: nothing to change.
+    if shadow_line(ctx, name)? != acct.locked_line {
+        rewrite_shadow(ctx, name, Some(&acct.shadow_line), &acct.locked_line)?;
+    }
+    let mut e = e;
+    e.state = State::Done;
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    tracing::info!(id = %e.id, user = %name, "account locked and its password expired");
+    let mut r = record(&e, None);
+    r.warnings.push(format!(
+        "{name} is locked, its account expired and its password must be changed; sessions already open are not ended"
+    ));
+    Ok(r)
+}
+
+fn unlock_user(
+    ctx: &ExecContext,
+    j: &Journal,
+    mut e: Entry,
+    force: bool,
+) -> Result<CommandResult, ExecError> {
+    let acct = e
+        .account
+        .clone()
+        .ok_or_else(|| ExecError::Failed("an account entry without its backup".into()))?;
+    let now_line = shadow_line(ctx, &acct.name)?;
+    if now_line != acct.shadow_line {
+        let expect = (!force).then_some(acct.locked_line.as_str());
+        rewrite_shadow(ctx, &acct.name, expect, &acct.shadow_line)?;
+    }
+    e.state = State::Undone;
+    e.undone_by = Some(ctx.command_uid.clone());
+    e.undone_at = Some(now());
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    tracing::info!(id = %e.id, user = %acct.name, "account restored");
+    let mut r = record(&e, None);
+    if let Some(first) = r.records.first_mut() {
+        first["action"] = serde_json::json!("restored");
+    }
     Ok(r)
 }
 
@@ -419,6 +630,7 @@ pub(super) fn undo(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult,
             found.id
         ))),
         ("file", _) => restore_file(ctx, &j, found, force),
+        ("user", _) => unlock_user(ctx, &j, found, force),
         (other, _) => Err(ExecError::Failed(format!(
             "undo {other} is not implemented yet"
         ))),
@@ -616,6 +828,7 @@ mod tests {
             action: "quarantined".into(),
             time: now(),
             state: State::Intent,
+            account: None,
             file: Some(FileBackup {
                 path: "/srv/half.txt".into(),
                 size: 4,
@@ -636,6 +849,50 @@ mod tests {
         assert!(!f.exists());
         assert_eq!(j.get(&id).map(|e| e.state), Some(State::Done));
         assert_eq!(j.list().len(), 1);
+    }
+
+    #[test]
+    fn an_account_is_locked_then_restored_and_root_never() {
+        let (dir, c) = setup("uid-a");
+        let etc = dir.path().join("root/etc");
+        std::fs::create_dir_all(&etc).expect("etc");
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/bin/bash\ntoor:x:0:0::/root:/bin/sh\nmallory:x:1001:1001::/home/mallory:/bin/bash\n",
+        )
+        .expect("passwd");
+        let line = "mallory:$6$salt$hash:19000:0:99999:7:::";
+        std::fs::write(
+            etc.join("shadow"),
+            format!("root:*:19000:0:99999:7:::\n{line}\n"),
+        )
+        .expect("shadow");
+        std::fs::set_permissions(etc.join("shadow"), fs::Permissions::from_mode(0o640))
+            .expect("mode");
+        let r = run(&c, "remediate", &["user", "mallory"]).expect("locked");
+        assert_eq!(r.records[0]["action"], "locked");
+        let shadow = std::fs::read_to_string(etc.join("shadow")).expect("shadow");
+        assert!(
+            shadow.contains("mallory:!$6$salt$hash:0:0:99999:7::1:"),
+            "{shadow}"
+        );
+        assert_eq!(
+            fs::metadata(etc.join("shadow")).expect("m").mode() & 0o777,
+            0o640
+        );
+        assert!(
+            !r.records[0].to_string().contains("$6$"),
+            "no hash in records"
+        );
+        run(&with_uid(&c, "u-a"), "undo", &["user", "mallory"]).expect("restored");
+        let shadow = std::fs::read_to_string(etc.join("shadow")).expect("shadow");
+        assert!(shadow.contains(line), "{shadow}");
+        for who in ["root", "toor"] {
+            let e = run(&with_uid(&c, who), "remediate", &["user", who]).expect_err("root");
+            assert!(e.to_string().contains("root account"), "{e}");
+        }
+        let e = run(&with_uid(&c, "x"), "remediate", &["user", "a:b"]).expect_err("name");
+        assert_eq!(e.reason(), "InvalidArgument");
     }
 
     #[test]
