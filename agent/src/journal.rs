@@ -40,6 +40,24 @@ pub struct AccountBackup {
     pub locked_line: String,
 }
 
+/// A line removed from a file (a cron entry, an authorized key, a profile line); the
+/// whole file as it was is kept as the entry's blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEdit {
+    pub path: String,
+    /// 1-based.
+    pub line: usize,
+    pub removed: String,
+    pub before_sha256: String,
+    pub after_sha256: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+}
+
 /// A file as it was before it was quarantined.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -76,6 +94,11 @@ pub struct Entry {
     pub file: Option<FileBackup>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<AccountBackup>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<FileEdit>,
+    /// Symbolic links removed with it (a timer's enablement), path and target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<(String, String)>,
     /// Processes a `remediate process` stopped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pids: Vec<i32>,
@@ -210,6 +233,8 @@ mod tests {
             state: State::Intent,
             file: None,
             account: None,
+            edit: None,
+            links: vec![],
             pids: vec![],
             undone_by: None,
             undone_at: None,

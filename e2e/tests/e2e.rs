@@ -122,6 +122,7 @@ fn main() {
         respond::a_quarantined_file_comes_back_exactly,
         respond::a_process_tree_is_stopped_and_its_executable_quarantined,
         respond::an_account_is_locked_and_restored_by_a_responder,
+        respond::persistence_entries_are_removed_and_restored,
     ];
     let serial = trials![
         env,

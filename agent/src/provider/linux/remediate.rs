@@ -49,6 +49,13 @@ pub(super) fn remediate(ctx: &ExecContext, inv: &Invocation) -> Result<CommandRe
         "file" => quarantine_file(ctx, entity, "file"),
         "process" => stop_process(ctx, entity, inv.has_flag("quarantine")),
         "user" => lock_user(ctx, entity),
+        "startupitem" | "scheduledtask" => match split_line_ref(entity) {
+            Some((path, line)) => remove_line(ctx, kind, entity, path, line),
+            None if kind == "scheduledtask" && entity.ends_with(".timer") => {
+                disable_timer(ctx, entity)
+            }
+            None => quarantine_as(ctx, entity, kind, kind),
+        },
         "registry" => Err(ExecError::NotSupported {
             command: "remediate registry".into(),
             os: "linux".into(),
@@ -170,6 +177,16 @@ fn quarantine_file(
     entity: &str,
     part: &str,
 ) -> Result<CommandResult, ExecError> {
+    quarantine_as(ctx, entity, part, "file")
+}
+
+/// Quarantines a file, journaled under `kind` (a startup item that is a whole file).
+fn quarantine_as(
+    ctx: &ExecContext,
+    entity: &str,
+    part: &str,
+    kind: &str,
+) -> Result<CommandResult, ExecError> {
     let j = journal(ctx)?;
     let _held = j.lock();
     let id = id_for(&ctx.command_uid, part);
@@ -209,7 +226,7 @@ fn quarantine_file(
     let e = Entry {
         id: id.clone(),
         command_uid: ctx.command_uid.clone(),
-        entity_type: "file".into(),
+        entity_type: kind.into(),
         entity: device.clone(),
         action: "quarantined".into(),
         time: now(),
@@ -226,6 +243,8 @@ fn quarantine_file(
             mtime: (meta.mtime(), meta.mtime_nsec()),
             xattrs: xattrs(&host),
         }),
+        edit: None,
+        links: vec![],
         pids: vec![],
         undone_by: None,
         undone_at: None,
@@ -360,6 +379,8 @@ fn stop_process(
         state: State::Intent,
         file: None,
         account: None,
+        edit: None,
+        links: vec![],
         pids: vec![],
         undone_by: None,
         undone_at: None,
@@ -375,6 +396,307 @@ fn stop_process(
     notes.push(format!("stopped {} processes: {pids:?}", pids.len()));
     let mut r = record(&e, None);
     r.warnings.extend(notes);
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------
+// lines of files (cron entries, authorized keys, profile lines) and timers
+
+/// `PATH:LINE` (1-based), as `persistence` and `scheduledtasks` show an entry's file and
+/// line.
+fn split_line_ref(entity: &str) -> Option<(&str, usize)> {
+    let (path, line) = entity.rsplit_once(':')?;
+    let n: usize = line.parse().ok()?;
+    (n > 0 && path.starts_with('/')).then_some((path, n))
+}
+
+/// Largest file a line is removed from: these are configuration files.
+const EDIT_CAP: u64 = 4 << 20;
+
+fn write_like(host: &Path, content: &[u8], meta: &fs::Metadata) -> std::io::Result<()> {
+    let tmp = host.with_file_name(format!(
+        ".{}.liveresponse",
+        host.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
+        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        std::io::Write::write_all(&mut f, content)?;
+        f.sync_all()?;
+        fs::rename(&tmp, host)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn remove_line(
+    ctx: &ExecContext,
+    kind: &str,
+    entity: &str,
+    path: &str,
+    line: usize,
+) -> Result<CommandResult, ExecError> {
+    let j = journal(ctx)?;
+    let _held = j.lock();
+    let id = id_for(&ctx.command_uid, kind);
+    let hfs = HostFs::of(ctx);
+    let existing = j.get(&id);
+    if let Some(e) = existing.as_ref().filter(|e| e.state != State::Intent) {
+        return Ok(record(
+            e,
+            Some(format!(
+                "already done for this command at {}: not done again",
+                e.time
+            )),
+        ));
+    }
+    let device = hfs
+        .resolve("/", path, true)
+        .map_err(|e| io_error(&e, path))?;
+    let host = hfs.host_path(&device);
+    let meta = fs::metadata(&host).map_err(|e| io_error(&e, &device))?;
+    if !meta.is_file() || meta.len() > EDIT_CAP {
+        return Err(ExecError::InvalidArgument(format!(
+            "{device} is not a regular file of at most {EDIT_CAP} bytes"
+        )));
+    }
+    let current = fs::read(&host).map_err(|e| io_error(&e, &device))?;
+    let e = match existing {
+        Some(e) => e,
+        None => {
+            let text = String::from_utf8_lossy(&current);
+            let lines: Vec<&str> = text.split_inclusive('\n').collect();
+            let Some(removed) = lines.get(line - 1) else {
+                return Err(ExecError::NotFound(format!(
+                    "{device} has {} lines, not {line}",
+                    lines.len()
+                )));
+            };
+            let t = removed.trim();
+            if t.is_empty() || t.starts_with('#') {
+                return Err(ExecError::InvalidArgument(format!(
+                    "line {line} of {device} is blank or a comment: nothing to remove; `persistence` or `scheduledtasks` shows each entry's line"
+                )));
+            }
+            let after: String = lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != line - 1)
+                .map(|(_, l)| *l)
+                .collect();
+            // The whole file as it was, for undo: written before the intent.
+            let blob = j.blob(&id);
+            fs::write(&blob, &current).map_err(|err| io("cannot keep a copy of the file", err))?;
+            fs::set_permissions(&blob, fs::Permissions::from_mode(0o000))
+                .map_err(|err| io("cannot lock the copy", err))?;
+            let e = Entry {
+                id: id.clone(),
+                command_uid: ctx.command_uid.clone(),
+                entity_type: kind.into(),
+                entity: entity.into(),
+                action: "removed".into(),
+                time: now(),
+                state: State::Intent,
+                file: None,
+                edit: Some(crate::journal::FileEdit {
+                    path: device.clone(),
+                    line,
+                    removed: removed.trim_end_matches('\n').to_string(),
+                    before_sha256: sha_hex(&current),
+                    after_sha256: sha_hex(after.as_bytes()),
+                    mode: meta.mode(),
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    atime: (meta.atime(), meta.atime_nsec()),
+                    mtime: (meta.mtime(), meta.mtime_nsec()),
+                }),
+                account: None,
+                links: vec![],
+                pids: vec![],
+                undone_by: None,
+                undone_at: None,
+            };
+            j.write(&e)
+                .map_err(|err| io("cannot write the journal", err))?;
+            e
+        }
+    };
+    let edit = e
+        .edit
+        .clone()
+        .ok_or_else(|| ExecError::Failed("an edit entry without its record".into()))?;
+    let now_sha = sha_hex(&current);
+    if now_sha == edit.before_sha256 {
+        let text = String::from_utf8_lossy(&current);
+        let after: String = text
+            .split_inclusive('\n')
+            .enumerate()
+            .filter(|(i, _)| *i != edit.line - 1)
+            .map(|(_, l)| l)
+            .collect();
+        write_like(&host, after.as_bytes(), &meta).map_err(|err| io_error(&err, &device))?;
+    } else if now_sha != edit.after_sha256 {
+        return Err(ExecError::Failed(format!(
+            "{device} changed while the line was being removed; run the command again"
+        )));
+    }
+    let mut e = e;
+    e.state = State::Done;
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    tracing::info!(id = %e.id, path = %device, line = edit.line, "line removed");
+    let mut r = record(&e, None);
+    r.warnings.push(format!(
+        "removed line {}: {}",
+        edit.line,
+        shown(&edit.removed)
+    ));
+    Ok(r)
+}
+
+/// A removed line as notes show it: keys and commands, cut short.
+fn shown(line: &str) -> String {
+    let mut s: String = line.chars().take(120).collect();
+    if line.chars().count() > 120 {
+        s.push_str("...");
+    }
+    s
+}
+
+fn restore_edit(
+    ctx: &ExecContext,
+    j: &Journal,
+    mut e: Entry,
+    force: bool,
+) -> Result<CommandResult, ExecError> {
+    let edit = e
+        .edit
+        .clone()
+        .ok_or_else(|| ExecError::Failed("an edit entry without its record".into()))?;
+    let hfs = HostFs::of(ctx);
+    let host = hfs.host_path(&edit.path);
+    let blob = j.blob(&e.id);
+    let _ = fs::set_permissions(&blob, fs::Permissions::from_mode(0o400));
+    let before = fs::read(&blob).map_err(|err| io("cannot read the journal's copy", err));
+    let _ = fs::set_permissions(&blob, fs::Permissions::from_mode(0o000));
+    let before = before?;
+    if sha_hex(&before) != edit.before_sha256 {
+        return Err(ExecError::Failed(format!(
+            "the journal's copy of {} was altered: not restored",
+            edit.path
+        )));
+    }
+    let current = fs::read(&host).unwrap_or_default();
+    let now_sha = sha_hex(&current);
+    if now_sha != edit.before_sha256 {
+        if now_sha != edit.after_sha256 && !force {
+            return Err(ExecError::InvalidArgument(format!(
+                "{} changed since the line was removed; undo -force puts back the whole file as it was",
+                edit.path
+            )));
+        }
+        let meta = fs::metadata(&host).map_err(|err| io_error(&err, &edit.path))?;
+        write_like(&host, &before, &meta).map_err(|err| io_error(&err, &edit.path))?;
+    }
+    std::os::unix::fs::lchown(&host, Some(edit.uid), Some(edit.gid))
+        .map_err(|err| io_error(&err, &edit.path))?;
+    fs::set_permissions(&host, fs::Permissions::from_mode(edit.mode & 0o7777))
+        .map_err(|err| io_error(&err, &edit.path))?;
+    let times = fs::FileTimes::new()
+        .set_accessed(system_time(edit.atime))
+        .set_modified(system_time(edit.mtime));
+    fs::File::options()
+        .write(true)
+        .open(&host)
+        .and_then(|f| f.set_times(times))
+        .map_err(|err| io_error(&err, &edit.path))?;
+    e.state = State::Undone;
+    e.undone_by = Some(ctx.command_uid.clone());
+    e.undone_at = Some(now());
+    j.write(&e)
+        .map_err(|err| io("cannot write the journal", err))?;
+    let mut r = record(&e, None);
+    if let Some(first) = r.records.first_mut() {
+        first["action"] = serde_json::json!("restored");
+    }
+    Ok(r)
+}
+
+/// A systemd timer: its unit file is quarantined and the links that enable it removed
+/// (recorded, so undo makes them again). systemd itself is told when the agent runs on
+/// the host.
+fn disable_timer(ctx: &ExecContext, unit: &str) -> Result<CommandResult, ExecError> {
+    if unit.contains('/') {
+        return Err(ExecError::InvalidArgument(format!(
+            "{unit:?} is not a unit name"
+        )));
+    }
+    let hfs = HostFs::of(ctx);
+    let dirs = [
+        "/etc/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+    ];
+    let Some(file) = dirs
+        .iter()
+        .map(|d| super::hostfs::join(d, unit))
+        .find(|p| fs::symlink_metadata(hfs.host_path(p)).is_ok_and(|m| m.is_file()))
+    else {
+        return Err(ExecError::NotFound(format!(
+            "no timer unit {unit} in {}",
+            dirs.join(", ")
+        )));
+    };
+    // Enablement links: every *.wants folder under /etc/systemd/system naming the unit.
+    let mut links = Vec::new();
+    for wants in hfs.list("/etc/systemd/system") {
+        if !wants.ends_with(".wants") {
+            continue;
+        }
+        let link = super::hostfs::join(&super::hostfs::join("/etc/systemd/system", &wants), unit);
+        let host = hfs.host_path(&link);
+        if let Ok(target) = fs::read_link(&host) {
+            links.push((link, target.to_string_lossy().into_owned()));
+        }
+    }
+    if ctx.host_root == Path::new("/") {
+        let _ = std::process::Command::new("systemctl")
+            .args(["stop", unit])
+            .stdin(std::process::Stdio::null())
+            .output();
+    }
+    let mut r = quarantine_as(ctx, &file, "scheduledtask", "scheduledtask")?;
+    let j = journal(ctx)?;
+    let _held = j.lock();
+    let id = id_for(&ctx.command_uid, "scheduledtask");
+    if let Some(mut e) = j.get(&id).filter(|e| e.links.is_empty()) {
+        for (link, _) in &links {
+            let _ = fs::remove_file(hfs.host_path(link));
+        }
+        e.entity = unit.to_string();
+        e.action = "disabled".into();
+        e.links = links.clone();
+        j.write(&e)
+            .map_err(|err| io("cannot write the journal", err))?;
+        r = record(&e, None);
+    }
+    r.warnings.push(format!(
+        "{unit}: unit file quarantined, {} enablement links removed",
+        links.len()
+    ));
     Ok(r)
 }
 
@@ -529,6 +851,8 @@ fn lock_user(ctx: &ExecContext, name: &str) -> Result<CommandResult, ExecError> 
                     shadow_line: line,
                     locked_line,
                 }),
+                edit: None,
+                links: vec![],
                 pids: vec![],
                 undone_by: None,
                 undone_at: None,
@@ -629,7 +953,8 @@ pub(super) fn undo(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult,
             "a killed process cannot be brought back (remediation {}); start it again by hand if it was wrongly stopped",
             found.id
         ))),
-        ("file", _) => restore_file(ctx, &j, found, force),
+        (_, _) if found.edit.is_some() => restore_edit(ctx, &j, found, force),
+        (_, _) if found.file.is_some() => restore_file(ctx, &j, found, force),
         ("user", _) => unlock_user(ctx, &j, found, force),
         (other, _) => Err(ExecError::Failed(format!(
             "undo {other} is not implemented yet"
@@ -693,6 +1018,13 @@ fn restore_file(
         .open(&host)
         .and_then(|f| f.set_times(times))
         .map_err(|err| io_error(&err, &device))?;
+    // A timer's enablement links, removed with it.
+    for (link, target) in &e.links {
+        let host_link = hfs.host_path(link);
+        if fs::symlink_metadata(&host_link).is_err() {
+            std::os::unix::fs::symlink(target, &host_link).map_err(|err| io_error(&err, link))?;
+        }
+    }
     e.state = State::Undone;
     e.undone_at = Some(now());
     j.write(&e)
@@ -840,6 +1172,8 @@ mod tests {
                 mtime: (meta.mtime(), meta.mtime_nsec()),
                 xattrs: vec![],
             }),
+            edit: None,
+            links: vec![],
             pids: vec![],
             undone_by: None,
             undone_at: None,
@@ -893,6 +1227,81 @@ mod tests {
         }
         let e = run(&with_uid(&c, "x"), "remediate", &["user", "a:b"]).expect_err("name");
         assert_eq!(e.reason(), "InvalidArgument");
+    }
+
+    #[test]
+    fn a_line_is_removed_and_undo_puts_the_file_back_exactly() {
+        let (dir, c) = setup("uid-k");
+        let ssh = dir.path().join("root/root/.ssh");
+        std::fs::create_dir_all(&ssh).expect("ssh");
+        let keys = ssh.join("authorized_keys");
+        let text = "ssh-ed25519 AAAAgood admin@corp\nssh-ed25519 AAAAevil backdoor@evil\n# end\n";
+        std::fs::write(&keys, text).expect("keys");
+        std::fs::set_permissions(&keys, fs::Permissions::from_mode(0o600)).expect("mode");
+        let before = fs::metadata(&keys).expect("meta");
+        let r = run(
+            &c,
+            "remediate",
+            &["startupitem", "/root/.ssh/authorized_keys:2"],
+        )
+        .expect("removed");
+        assert_eq!(r.records[0]["action"], "removed");
+        assert_eq!(
+            std::fs::read_to_string(&keys).expect("keys"),
+            "ssh-ed25519 AAAAgood admin@corp\n# end\n"
+        );
+        assert_eq!(fs::metadata(&keys).expect("m").mode(), before.mode());
+        // A comment or a line past the end is refused.
+        let e = run(
+            &with_uid(&c, "x1"),
+            "remediate",
+            &["startupitem", "/root/.ssh/authorized_keys:2"],
+        )
+        .expect_err("comment");
+        assert!(e.to_string().contains("comment"), "{e}");
+        run(
+            &with_uid(&c, "u-k"),
+            "undo",
+            &["startupitem", "/root/.ssh/authorized_keys:2"],
+        )
+        .expect("undone");
+        assert_eq!(std::fs::read_to_string(&keys).expect("keys"), text);
+        let after = fs::metadata(&keys).expect("m");
+        assert_eq!(
+            (after.mode(), after.mtime(), after.mtime_nsec()),
+            (before.mode(), before.mtime(), before.mtime_nsec())
+        );
+    }
+
+    #[test]
+    fn a_timer_is_disabled_and_enabled_again() {
+        let (dir, c) = setup("uid-t");
+        let sys = dir.path().join("root/etc/systemd/system");
+        std::fs::create_dir_all(sys.join("timers.target.wants")).expect("dirs");
+        std::fs::write(sys.join("evil.timer"), "[Timer]\nOnCalendar=hourly\n").expect("unit");
+        std::os::unix::fs::symlink(
+            "/etc/systemd/system/evil.timer",
+            sys.join("timers.target.wants/evil.timer"),
+        )
+        .expect("link");
+        let r = run(&c, "remediate", &["scheduledtask", "evil.timer"]).expect("disabled");
+        assert_eq!(r.records[0]["action"], "disabled");
+        assert!(!sys.join("evil.timer").exists());
+        assert!(fs::symlink_metadata(sys.join("timers.target.wants/evil.timer")).is_err());
+        run(
+            &with_uid(&c, "u-t"),
+            "undo",
+            &["scheduledtask", "evil.timer"],
+        )
+        .expect("undone");
+        assert_eq!(
+            std::fs::read_to_string(sys.join("evil.timer")).expect("unit"),
+            "[Timer]\nOnCalendar=hourly\n"
+        );
+        assert_eq!(
+            fs::read_link(sys.join("timers.target.wants/evil.timer")).expect("link"),
+            Path::new("/etc/systemd/system/evil.timer")
+        );
     }
 
     #[test]
