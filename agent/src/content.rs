@@ -68,6 +68,22 @@ impl Files {
         let _ = std::fs::remove_file(list);
         // Scratch folders of runs the agent did not see end.
         let _ = std::fs::remove_dir_all(self.state_dir.join("run"));
+        // Packages of collects: kept a day, so a transfer cut by this restart resumes on
+        // the same bytes.
+        let day = std::time::Duration::from_secs(24 * 3600);
+        for e in std::fs::read_dir(self.state_dir.join("collect"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > day));
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Records (or forgets, with `keep`) a putfile's file for removal at the next start.

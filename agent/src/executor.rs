@@ -187,7 +187,7 @@ impl Executor {
         let replay = {
             let st = self.state();
             if let Some(job) = st.running.get(&uid) {
-                if exec.command == "getfile" {
+                if liveresponse_api::command::moves_a_file(&exec.command) {
                     tracing::info!(%uid, offset = exec.resume_offset, "already sending; going on from where the operator's copy ends");
                     *job.resume.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(exec.resume_offset);
@@ -223,7 +223,7 @@ impl Executor {
             let events = me.run(&exec, cancelled, reason, resume).await;
             // A getfile is not replayed from memory: its chunks are not kept, so a new
             // Execute sends what the operator lacks again, which reading allows.
-            if exec.command == "getfile" {
+            if liveresponse_api::command::moves_a_file(&exec.command) {
                 me.state().running.remove(&uid);
                 for e in events {
                     me.send(e).await;
@@ -339,12 +339,13 @@ impl Executor {
                     let span = tracing::Span::current();
                     let deadline = ctx.deadline;
                     let stop = ctx.cancelled.clone();
-                    let transfer = (name == "getfile").then(|| Transfer {
-                        uid: uid.clone(),
-                        start: exec.resume_offset,
-                        max: exec.max_file_bytes,
-                        resume,
-                    });
+                    let transfer =
+                        liveresponse_api::command::moves_a_file(name).then(|| Transfer {
+                            uid: uid.clone(),
+                            start: exec.resume_offset,
+                            max: exec.max_file_bytes,
+                            resume,
+                        });
                     let max_output = usize::try_from(exec.max_output_bytes)
                         .ok()
                         .filter(|m| *m > 0)
@@ -606,10 +607,45 @@ impl Executor {
         inv: &Invocation,
         t: Transfer,
     ) -> Result<CommandResult, ExecError> {
-        let path = inv
-            .get("path")
-            .ok_or_else(|| ExecError::InvalidArgument("getfile needs a path".into()))?;
-        let opened = self.provider.open_file(ctx, path)?;
+        let opened = if inv.spec.name == "collect" {
+            // Built once per command and kept: a transfer resumed after a reconnect must
+            // find the same bytes.
+            let dir = self.files().state_dir.join("collect");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ExecError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+            let safe: String = t
+                .uid
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let package = dir.join(format!("{safe}.tar.gz"));
+            if !package.exists() {
+                tracing::info!(package = %package.display(), "building the investigation package");
+                self.provider.collect(ctx, &package)?;
+            }
+            let file = std::fs::File::open(&package)
+                .map_err(|e| ExecError::Failed(format!("cannot open the package: {e}")))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| ExecError::Failed(format!("cannot open the package: {e}")))?;
+            crate::provider::OpenedFile {
+                path: format!("/collect-{}.tar.gz", &safe[..safe.len().min(8)]),
+                file,
+                size: meta.len(),
+                modified: meta.modified().ok(),
+            }
+        } else {
+            let path = inv
+                .get("path")
+                .ok_or_else(|| ExecError::InvalidArgument("getfile needs a path".into()))?;
+            self.provider.open_file(ctx, path)?
+        };
         tracing::info!(path = %opened.path, size = opened.size, from = t.start, "sending a file");
         let send = |chunk: proto::FileChunk| {
             let Some(tx) = self.state().sender.clone() else {

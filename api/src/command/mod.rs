@@ -50,7 +50,8 @@ pub use parser::{ConsoleLine, Invocation, OutputFormat, parse_command, parse_lin
 pub use registry::{
     ACCOUNT_VERBS, Column, CommandSpec, ENTITY_TYPES, FlagSpec, Handler, ISOLATION_VERBS,
     ParamSpec, Platform, Tier, TimeoutClass, ValueKind, advanced_verbs, agent_commands, alias_of,
-    command_verbs, console_verbs, find, handled_by, hinted_by, registry, timeout_class, verbs,
+    command_verbs, console_verbs, find, handled_by, hinted_by, moves_a_file, registry,
+    timeout_class, verbs,
 };
 
 #[cfg(test)]

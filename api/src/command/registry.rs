@@ -229,6 +229,12 @@ pub const ENTITY_TYPES: &[&str] = &[
     "user",
 ];
 
+/// Verbs whose result is a file the agent streams to the artifact store (resumable):
+/// a getfile's file, a collect's package.
+pub fn moves_a_file(verb: &str) -> bool {
+    matches!(verb, "getfile" | "collect")
+}
+
 /// Verbs that cut a device off its network: they need `create` on `commands/isolate`
 /// besides the advanced tier (the liveresponse-responder role).
 pub const ISOLATION_VERBS: &[&str] = &["isolate", "release"];
@@ -882,9 +888,9 @@ static REGISTRY: &[CommandSpec] = &[
             col("sha256", "SHA256"),
         ],
         background_allowed: true,
-        timeout: TimeoutClass::Normal,
+        timeout: TimeoutClass::Long,
         summary: "Collect an investigation package",
-        help: "Gathers logs, autoruns, processes, connections and system information into one archive and uploads it to the artifact store.",
+        help: "Gathers processes, connections, services, persistence, scheduled tasks, recent logs, shell histories, accounts, installed packages and /etc metadata into one .tar.gz with a manifest of sha256 per entry, moved to the artifact store like a getfile; fetch it with `download`.",
         examples: &["collect &"],
     },
     CommandSpec {

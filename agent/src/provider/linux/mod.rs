@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::{CommandResult, ExecContext, ExecError, OpenedFile, Provider};
 
+mod collect;
 mod files;
 mod hostfs;
 mod network;
@@ -28,6 +29,7 @@ pub(crate) use hostfs::read_small_host_file;
 /// the registry (a test checks it); the registry says who answers the others.
 const COMMANDS: &[&str] = &[
     "cd",
+    "collect",
     "connections",
     "dir",
     "drivers",
@@ -68,6 +70,10 @@ impl Provider for LinuxProvider {
         files::open_for_transfer(ctx, path)
     }
 
+    fn collect(&self, ctx: &ExecContext, out: &std::path::Path) -> Result<(), ExecError> {
+        collect::build(self, ctx, out)
+    }
+
     fn run_script(
         &self,
         ctx: &ExecContext,
@@ -97,7 +103,7 @@ impl Provider for LinuxProvider {
             "remediate list" => remediate::list(ctx),
             "undo" => remediate::undo(ctx, inv),
             // Streamed by the executor through open_file, not answered as records.
-            "getfile" | "putfile" | "run" => Err(ExecError::Failed(format!(
+            "getfile" | "putfile" | "run" | "collect" => Err(ExecError::Failed(format!(
                 "{} is carried out by the agent's executor",
                 inv.spec.name
             ))),
@@ -231,6 +237,7 @@ mod tests {
             assert!(
                 spec.tier == liveresponse_api::command::Tier::Basic
                     || [
+                        "collect",
                         "getfile",
                         "putfile",
                         "run",
