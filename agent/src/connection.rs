@@ -87,7 +87,9 @@ impl Connector {
             },
             Err(e) => return Ended::Fatal(anyhow!("bad gateway address {}: {e}", self.gateway)),
         };
-        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+        // Bounded in bytes too: a getfile's chunks are 1 MiB each, and a deep queue of them
+        // is agent memory (and delays the other events of the device behind them).
+        let (tx, rx) = mpsc::channel::<AgentMessage>(16);
         let hello = AgentMessage {
             msg: Some(agent_message::Msg::Hello(self.hello.clone())),
         };
@@ -157,6 +159,7 @@ impl Connector {
                             let hb = AgentMessage {
                                 msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
                                     running: ex.running(),
+                                    isolation: ex.isolation(),
                                 })),
                             };
                             if tx2.send(hb).await.is_err() {
@@ -265,6 +268,7 @@ pub fn hello(executor: &Executor, host_root: &std::path::Path) -> Hello {
         arch: std::env::consts::ARCH.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         capabilities: executor.capabilities(),
+        isolation: executor.isolation(),
     }
 }
 

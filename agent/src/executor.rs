@@ -83,6 +83,8 @@ pub struct Executor {
     channel: ChannelSlot,
     /// The remediation journal in the state folder.
     journal: Mutex<Option<Arc<crate::journal::Journal>>>,
+    /// The gateway's URL (isolation keeps it reachable).
+    gateway: Mutex<Option<String>>,
 }
 
 /// A library file fetched and verified for putfile or run.
@@ -112,7 +114,28 @@ impl Executor {
             )),
             channel: ChannelSlot::default(),
             journal: Mutex::new(None),
+            gateway: Mutex::new(None),
         })
+    }
+
+    pub fn set_gateway(&self, url: &str) {
+        *self.gateway.lock().unwrap_or_else(|p| p.into_inner()) = Some(url.to_string());
+    }
+
+    /// The device's isolation as this agent recorded it (for heartbeats and the hello).
+    pub fn isolation(&self) -> Option<proto::Isolation> {
+        #[cfg(target_os = "linux")]
+        {
+            let dir = self.files().state_dir;
+            crate::provider::linux::isolate::current(&dir).map(|r| proto::Isolation {
+                since: r.since,
+                by: r.by,
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
     }
 
     /// Where putfile and run keep library files, and whom they trust.
@@ -321,6 +344,12 @@ impl Executor {
                 command_uid: uid.clone(),
                 journal: self
                     .journal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+                state_dir: Some(self.files().state_dir),
+                gateway: self
+                    .gateway
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone(),

@@ -160,6 +160,7 @@ async fn run(args: Args, levels: SessionLevels) -> Result<()> {
         levels,
     );
     executor.set_transfer_rate(args.transfer_rate_limit);
+    executor.set_gateway(&args.gateway);
     let mut library = Files::new(args.state_dir.clone(), args.drop_dir.clone());
     if let Some(path) = &args.trusted_signers {
         let text = std::fs::read_to_string(path)

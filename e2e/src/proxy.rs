@@ -24,7 +24,13 @@ impl TcpProxy {
     /// Listens on a free port of 127.0.0.1 and forwards every connection to `upstream`.
     /// Must be called inside a tokio runtime, which runs the proxy until it is dropped.
     pub async fn start(upstream: SocketAddr) -> Result<Self> {
-        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), upstream).await
+    }
+
+    /// [`TcpProxy::start`] listening on `listen` (another address of this machine, for an
+    /// agent in a network namespace).
+    pub async fn start_on(listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
+        let first = bind(listen)?;
         let addr = first.local_addr()?;
         let (cut, rx) = watch::channel(false);
         let accepted = Arc::new(AtomicU64::new(0));

@@ -541,6 +541,20 @@ impl Stack {
         gateway: &str,
         extra: &[&str],
     ) -> Result<()> {
+        self.start_agent_in(ns, device, host_root, gateway, None, extra)
+    }
+
+    /// [`Stack::start_agent_via`], inside the network namespace `netns` when given (`ip
+    /// netns exec`, which execs the agent: the pid file holds the agent's pid).
+    pub fn start_agent_in(
+        &self,
+        ns: &str,
+        device: &str,
+        host_root: &Path,
+        gateway: &str,
+        netns: Option<&str>,
+        extra: &[&str],
+    ) -> Result<()> {
         if self.agent_pid(ns, device).is_some() {
             return Ok(());
         }
@@ -568,11 +582,29 @@ impl Stack {
             host_root.to_string_lossy().into_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.spawn(
-            &Self::agent_name(ns, device),
-            &target_bin("liveresponse-agent"),
-            &args,
-        )?;
+        match netns {
+            None => self.spawn(
+                &Self::agent_name(ns, device),
+                &target_bin("liveresponse-agent"),
+                &args,
+            )?,
+            Some(netns) => {
+                let mut wrapped: Vec<String> = vec![
+                    "netns".into(),
+                    "exec".into(),
+                    netns.into(),
+                    target_bin("liveresponse-agent")
+                        .to_string_lossy()
+                        .into_owned(),
+                ];
+                wrapped.extend(args);
+                self.spawn(
+                    &Self::agent_name(ns, device),
+                    Path::new("/usr/sbin/ip"),
+                    &wrapped,
+                )?
+            }
+        };
         Ok(())
     }
 

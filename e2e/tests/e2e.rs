@@ -124,6 +124,7 @@ fn main() {
         respond::an_account_is_locked_and_restored_by_a_responder,
         respond::persistence_entries_are_removed_and_restored,
         respond::a_collected_package_matches_its_manifest,
+        respond::isolation_keeps_only_the_gateway,
     ];
     let serial = trials![
         env,

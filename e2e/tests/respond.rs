@@ -475,3 +475,122 @@ pub async fn a_collected_package_matches_its_manifest(env: &'static Env) -> Resu
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Runs `ip ARGS`, failing with its message.
+fn ip(args: &[&str]) -> Result<()> {
+    sh(&[&["ip"], args].concat(), None).map(|_| ())
+}
+
+/// Whether a TCP connection from inside `netns` to `addr` opens within 3 s.
+fn connects_from(netns: &str, addr: &str) -> bool {
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+    std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "timeout", "3", "bash", "-c"])
+        .arg(format!("exec 3<>/dev/tcp/{host}/{port}"))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// isolate inside a network namespace the test creates, with the agent running in it:
+/// the agent stays connected and answers, a connection to another listener is cut, the
+/// Device's status says isolated; release opens it again. Needs the responder role.
+pub async fn isolation_keeps_only_the_gateway(env: &'static Env) -> Result<()> {
+    ensure!(
+        std::process::Command::new("nft")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "nft is missing: isolate needs nftables (.ci/run installs it; apt-get install nftables)"
+    );
+    let (ns, device) = ("lr-isolate", "isolated");
+    let netns = "lr-iso";
+    let _ = ip(&["netns", "del", netns]);
+    ip(&["netns", "add", netns])?;
+    let result = async {
+        ip(&["link", "add", "lr-iso-h", "type", "veth", "peer", "name", "lr-iso-n"])?;
+        ip(&["link", "set", "lr-iso-n", "netns", netns])?;
+        ip(&["addr", "add", "10.254.252.1/30", "dev", "lr-iso-h"])?;
+        ip(&["link", "set", "lr-iso-h", "up"])?;
+        for cmd in [
+            vec!["addr", "add", "10.254.252.2/30", "dev", "lr-iso-n"],
+            vec!["link", "set", "lr-iso-n", "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            ip(&[&["netns", "exec", netns, "ip"], cmd.as_slice()].concat())?;
+        }
+        let gateway: std::net::SocketAddr = env
+            .stack
+            .gateway()?
+            .trim_start_matches("https://")
+            .parse()?;
+        let proxy = e2e::proxy::TcpProxy::start_on("10.254.252.1:0".parse()?, gateway).await?;
+        // Another service on the host that the device can reach until it is isolated.
+        let other = std::net::TcpListener::bind("10.254.252.1:0")?;
+        let other_addr = other.local_addr()?.to_string();
+        std::thread::spawn(move || for _ in other.incoming() {});
+
+        env.stack.tenant(ns, "")?;
+        let root = host_root("isolate")?;
+        std::fs::write(root.join("evidence.txt"), "still reachable\n")?;
+        env.stack.start_agent_in(
+            ns,
+            device,
+            &root,
+            &proxy.url(),
+            Some(netns),
+            &["--gateway-name", "127.0.0.1"],
+        )?;
+        env.stack.wait_device(ns, device, true, T)?;
+        let client = env.cluster.client("analyst-advanced").await?;
+        lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
+        lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
+        ensure!(connects_from(netns, &other_addr), "no connection before isolation");
+
+        let refused = Cmd::new("s", "isolate", &[]).create(&client, ns, "iso-refused").await;
+        ensure!(
+            refused.is_err_and(|e| format!("{e:#}").contains("liveresponse-responder")),
+            "an advanced analyst without the responder role could isolate"
+        );
+        let binding = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: responders, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: liveresponse-responder}}\nsubjects:\n- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: \"liveresponse:analysts-advanced\"}}\n"
+        );
+        env.cluster
+            .kubectl_ok("admin", &["apply", "-f", "-"], Some(&binding))?;
+
+        let r = json(&client, ns, "iso", "isolate", &[]).await?;
+        ensure!(r["state"] == "isolated", "{r}");
+        ensure!(
+            !connects_from(netns, &other_addr),
+            "a connection to another listener still opens while isolated"
+        );
+        let d = json(&client, ns, "dir-isolated", "dir", &["/"]).await?;
+        ensure!(d["name"] == "evidence.txt", "dir while isolated: {d}");
+        let devices: kube::Api<liveresponse_api::crd::Device> =
+            kube::Api::namespaced(env.cluster.client("admin").await?, ns);
+        e2e::eventually("the Device to say isolated", T, || async {
+            let dev = devices.get(device).await?;
+            Ok(dev.status.and_then(|s| s.isolation).map(|_| ()))
+        })
+        .await?;
+        eprintln!("isolate: {}", r["message"]);
+
+        let r = json(&client, ns, "rel", "release", &[]).await?;
+        ensure!(r["state"] == "released", "{r}");
+        ensure!(connects_from(netns, &other_addr), "no connection after release");
+        e2e::eventually("the Device to say not isolated", T, || async {
+            let dev = devices.get(device).await?;
+            Ok(dev
+                .status
+                .is_some_and(|s| s.isolation.is_none())
+                .then_some(()))
+        })
+        .await?;
+        let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+    .await;
+    env.stack.kill_agent(ns, device);
+    let _ = ip(&["netns", "del", netns]);
+    let _ = ip(&["link", "del", "lr-iso-h"]);
+    result
+}

@@ -57,6 +57,10 @@ fn bounded_hello(mut h: Hello) -> Hello {
     h.agent_version = bounded(&h.agent_version, 64);
     h.capabilities.truncate(256);
     h.capabilities.retain(|c| c.len() <= 64);
+    if let Some(i) = h.isolation.as_mut() {
+        i.since = bounded(&i.since, 64);
+        i.by = bounded(&i.by, 256);
+    }
     h
 }
 
@@ -595,6 +599,28 @@ impl Gateway {
             l.last_seen = Some(jiff::Timestamp::now());
         }
         self.device_wakes.wake(device.clone());
+    }
+
+    /// What the agent says of the device's isolation (each heartbeat): kept with its hello
+    /// for the Device's status, bounded, and a change wakes the device.
+    fn isolation_seen(&self, device: &DeviceKey, iso: Option<liveresponse_api::proto::Isolation>) {
+        let iso = iso.map(|i| liveresponse_api::proto::Isolation {
+            since: bounded(&i.since, 64),
+            by: bounded(&i.by, 256),
+        });
+        let changed = {
+            let mut st = self.state();
+            match st.links.get_mut(device).and_then(|l| l.hello.as_mut()) {
+                Some(h) if h.isolation != iso => {
+                    h.isolation = iso;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            self.device_wakes.wake(device.clone());
+        }
     }
 
     /// Writes a getfile chunk, outside the gateway's lock: the stream's read loop waits
@@ -1281,7 +1307,8 @@ impl AgentGateway for GatewayService {
                     Ok(Err(e)) => break format!("stream error: {}", e.message()),
                     Ok(Ok(None)) => break "stream closed".to_string(),
                     Ok(Ok(Some(m))) => match m.msg {
-                        Some(agent_message::Msg::Heartbeat(_)) => {
+                        Some(agent_message::Msg::Heartbeat(hb)) => {
+                            gw.isolation_seen(&device, hb.isolation);
                             if last_seen.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                                 last_seen = Some(Instant::now());
                                 gw.seen(&device);

@@ -43,6 +43,10 @@ pub struct ExecContext {
     pub command_uid: String,
     /// The remediation journal, where the agent has a state folder.
     pub journal: Option<Arc<crate::journal::Journal>>,
+    /// The agent's state folder (isolation's record).
+    pub state_dir: Option<PathBuf>,
+    /// The gateway's URL: what isolation keeps reachable.
+    pub gateway: Option<String>,
 }
 
 impl ExecContext {
@@ -56,6 +60,8 @@ impl ExecContext {
             notes: Arc::default(),
             command_uid: String::new(),
             journal: None,
+            state_dir: None,
+            gateway: None,
         }
     }
 

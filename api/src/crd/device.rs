@@ -105,6 +105,10 @@ pub struct DeviceStatus {
     /// The operator replica that holds the agent's stream and dispatches its commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// Set while the device is network-isolated (`isolate`; `release` ends it), as its
+    /// agent reports it: since when, and by which command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<DeviceIsolation>,
     /// The session currently connected to this device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_session: Option<String>,
@@ -115,4 +119,14 @@ pub struct DeviceStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A device's network isolation.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceIsolation {
+    /// When it was isolated (RFC 3339).
+    pub since: String,
+    /// The session and command that isolated it.
+    pub by: String,
 }

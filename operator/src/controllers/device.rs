@@ -48,6 +48,13 @@ pub fn desired(
         st.arch = Some(h.arch.clone());
         st.agent_version = Some(h.agent_version.clone());
         st.capabilities = h.capabilities.clone();
+        st.isolation = h
+            .isolation
+            .as_ref()
+            .map(|i| liveresponse_api::crd::DeviceIsolation {
+                since: i.since.clone(),
+                by: i.by.clone(),
+            });
     }
     if let Some(seen) = link.and_then(|l| l.last_seen) {
         let stale = st.last_seen.as_ref().is_none_or(|t| {

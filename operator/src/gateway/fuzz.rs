@@ -117,6 +117,10 @@ fn hello() -> impl Strategy<Value = Hello> {
             arch: t[3].clone(),
             agent_version: t[4].clone(),
             capabilities,
+            isolation: Some(liveresponse_api::proto::Isolation {
+                since: t[5].clone(),
+                by: t[5].repeat(3),
+            }),
         })
 }
 
@@ -164,8 +168,13 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         .prop_map(|(command_uid, event)| CommandEvent { command_uid, event });
     prop_oneof![
         hello().prop_map(agent_message::Msg::Hello),
-        vec(any::<String>(), 0..3)
-            .prop_map(|running| agent_message::Msg::Heartbeat(Heartbeat { running })),
+        vec(any::<String>(), 0..3).prop_map(|running| {
+            let isolation = running.first().map(|t| liveresponse_api::proto::Isolation {
+                since: t.clone(),
+                by: t.repeat(100),
+            });
+            agent_message::Msg::Heartbeat(Heartbeat { running, isolation })
+        }),
         event.prop_map(agent_message::Msg::Event),
     ]
     .prop_map(|m| AgentMessage { msg: Some(m) })
@@ -198,6 +207,9 @@ fn check_hello(h: &Hello) -> Result<(), TestCaseError> {
     prop_assert!(h.os_version.len() <= 256 && h.agent_version.len() <= 64);
     prop_assert!(h.capabilities.len() <= 256);
     prop_assert!(h.capabilities.iter().all(|c| c.len() <= 64));
+    if let Some(i) = &h.isolation {
+        prop_assert!(i.since.len() <= 64 && i.by.len() <= 256);
+    }
     Ok(())
 }
 
@@ -244,7 +256,13 @@ proptest! {
             prop_assert_eq!(again.as_ref(), Ok(&msg));
             match msg.msg {
                 Some(agent_message::Msg::Hello(h)) => check_hello(&bounded_hello(h))?,
-                Some(agent_message::Msg::Heartbeat(_)) => gw.seen(&device),
+                Some(agent_message::Msg::Heartbeat(hb)) => {
+                    gw.seen(&device);
+                    gw.isolation_seen(&device, hb.isolation);
+                    if let Some(h) = gw.link(&device).and_then(|l| l.hello) {
+                        check_hello(&h)?;
+                    }
+                }
                 // Whatever the CSR, signing answers without panicking; the identity is the
                 // stream's, never the CSR's.
                 Some(agent_message::Msg::Renew(r)) => {

@@ -13,6 +13,7 @@ use super::{CommandResult, ExecContext, ExecError, OpenedFile, Provider};
 mod collect;
 mod files;
 mod hostfs;
+pub mod isolate;
 mod network;
 mod persistence;
 mod processes;
@@ -36,9 +37,11 @@ const COMMANDS: &[&str] = &[
     "fileinfo",
     "findfile",
     "getfile",
+    "isolate",
     "persistence",
     "processes",
     "putfile",
+    "release",
     "remediate",
     "remediate list",
     "run",
@@ -102,6 +105,8 @@ impl Provider for LinuxProvider {
             "remediate" => remediate::remediate(ctx, inv),
             "remediate list" => remediate::list(ctx),
             "undo" => remediate::undo(ctx, inv),
+            "isolate" => isolate::isolate(ctx),
+            "release" => isolate::release(ctx),
             // Streamed by the executor through open_file, not answered as records.
             "getfile" | "putfile" | "run" | "collect" => Err(ExecError::Failed(format!(
                 "{} is carried out by the agent's executor",
@@ -239,6 +244,8 @@ mod tests {
                     || [
                         "collect",
                         "getfile",
+                        "isolate",
+                        "release",
                         "putfile",
                         "run",
                         "remediate",
