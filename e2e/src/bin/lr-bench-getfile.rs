@@ -53,6 +53,8 @@ fn state() -> PathBuf {
 struct Method {
     name: &'static str,
     secs: Vec<f64>,
+    /// CPU seconds of both ends (sender and receiver) in each run.
+    cpu: Vec<f64>,
 }
 
 impl Method {
@@ -65,6 +67,45 @@ impl Method {
     fn mib_per_s(&self) -> f64 {
         (SIZE / MIB) as f64 / self.median()
     }
+
+    fn median_cpu(&self) -> f64 {
+        let mut c = self.cpu.clone();
+        c.sort_by(f64::total_cmp);
+        c.get(c.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// Clock ticks per second of /proc's times.
+fn clock_ticks() -> f64 {
+    Proc::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds a process used, with those of the children it has reaped (`self` for this
+/// one: the `scp` and `ssh` clients it waited for).
+fn cpu_secs(pid: &str, ticks: f64) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    // utime, stime, cutime and cstime are fields 14 to 17; the command name before them
+    // (field 2) may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let mut t = 0.0;
+    for i in 11..15 {
+        let v: f64 = fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("malformed /proc stat")?;
+        t += v;
+    }
+    Ok(t / ticks)
 }
 
 /// The operator's resident memory around the getfile runs.
@@ -338,15 +379,35 @@ fn openssh_runs(dir: &Path, src: &Path, want: &str) -> Result<Vec<Method>> {
     let mut scp = Method {
         name: "scp",
         secs: Vec::new(),
+        cpu: Vec::new(),
     };
     let mut cat = Method {
         name: "ssh cat",
         secs: Vec::new(),
+        cpu: Vec::new(),
+    };
+    let ticks = clock_ticks();
+    let sshd_pid = sshd
+        .child
+        .as_ref()
+        .map(|c| c.id().to_string())
+        .context("sshd is not running")?;
+    // The server side of a connection is counted once sshd has reaped it.
+    let sshd_cpu = || -> Result<f64> {
+        let children = format!("/proc/{sshd_pid}/task/{sshd_pid}/children");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&children).is_ok_and(|c| !c.trim().is_empty())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        cpu_secs(&sshd_pid, ticks)
     };
     for i in 0..RUNS {
         for m in [&mut scp, &mut cat] {
             let _ = std::fs::remove_file(&dest);
             sync();
+            let cpu_before = cpu_secs("self", ticks)? + sshd_cpu()?;
             let started = Instant::now();
             if m.name == "scp" {
                 run_ok("scp", &mut sshd.scp(src, &dest))?;
@@ -358,18 +419,20 @@ fn openssh_runs(dir: &Path, src: &Path, want: &str) -> Result<Vec<Method>> {
                 )?;
             }
             let secs = started.elapsed().as_secs_f64();
+            let cpu = cpu_secs("self", ticks)? + sshd_cpu()? - cpu_before;
             ensure!(
                 sha256_of(&dest)? == want,
                 "{} run {i}: the copy differs from the file",
                 m.name
             );
             eprintln!(
-                "bench: {} run {}: {secs:.2}s, {:.0} MiB/s",
+                "bench: {} run {}: {secs:.2}s, {:.0} MiB/s, {cpu:.2} CPU seconds",
                 m.name,
                 i + 1,
                 mib(SIZE) / secs
             );
             m.secs.push(secs);
+            m.cpu.push(cpu);
         }
     }
     let _ = std::fs::remove_file(&dest);
@@ -481,11 +544,20 @@ async fn getfile_runs(
     let mut method = Method {
         name: "getfile",
         secs: Vec::new(),
+        cpu: Vec::new(),
     };
+    let ticks = clock_ticks();
+    let agent = stack
+        .agent_pid(NS, DEVICE)
+        .context("the agent is not running")?
+        .to_string();
+    let both =
+        || -> Result<f64> { Ok(cpu_secs(&pid.to_string(), ticks)? + cpu_secs(&agent, ticks)?) };
     let (mut run_peaks, mut samples) = (Vec::new(), 0);
     for i in 0..RUNS {
         sync();
         let sampler = RssSampler::start(pid, SAMPLE_EVERY, Duration::ZERO)?;
+        let cpu_before = both()?;
         let secs = getfile(
             stack,
             &client,
@@ -497,13 +569,15 @@ async fn getfile_runs(
         .await;
         let seen = sampler.stop();
         let secs = secs?;
+        let cpu = both()? - cpu_before;
         eprintln!(
-            "bench: getfile run {}: {secs:.2}s, {:.0} MiB/s, operator RSS peak {:.1} MiB",
+            "bench: getfile run {}: {secs:.2}s, {:.0} MiB/s, {cpu:.2} CPU seconds, operator RSS peak {:.1} MiB",
             i + 1,
             mib(SIZE) / secs,
             mib(seen.peak)
         );
         method.secs.push(secs);
+        method.cpu.push(cpu);
         run_peaks.push(seen.peak);
         samples += seen.samples;
     }
@@ -574,6 +648,18 @@ fn now_utc() -> String {
         .unwrap_or_default()
 }
 
+fn keep_logs(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    let _ = std::fs::create_dir_all(to);
+    for e in entries.flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+        }
+    }
+}
+
 async fn bench(dir: &Path) -> Result<Outcome> {
     let root = dir.join("root");
     std::fs::create_dir_all(&root)?;
@@ -594,6 +680,8 @@ async fn bench(dir: &Path) -> Result<Outcome> {
         getfile_runs(&stack, &root, &want).await
     }
     .await;
+    // The stack's folder goes with the control plane; its logs say where time went.
+    keep_logs(&cluster_dir.join("stack"), &dir.join("logs"));
     let stopped = stack_down(&cluster_dir);
     let (getfile, rss, agent_hwm) = measured?;
     stopped?;
@@ -624,20 +712,24 @@ fn report(dir: &Path, o: &Outcome) -> Result<()> {
     println!("MiB/s = 1048576 bytes per second; the median run of each method");
     println!();
     println!(
-        "{:<10} {:>12} {:>10} {:>5}  all runs (s)",
-        "method", "MiB/s", "seconds", "runs"
+        "{:<10} {:>8} {:>8} {:>6} {:>5}  all runs (s)",
+        "method", "MiB/s", "seconds", "CPU s", "runs"
     );
     for m in &o.methods {
         let all: Vec<String> = m.secs.iter().map(|s| format!("{s:.2}")).collect();
         println!(
-            "{:<10} {:>12.0} {:>10.2} {:>5}  {}",
+            "{:<10} {:>8.0} {:>8.2} {:>6.2} {:>5}  {}",
             m.name,
             m.mib_per_s(),
             m.median(),
+            m.median_cpu(),
             m.secs.len(),
             all.join(" ")
         );
     }
+    println!(
+        "CPU s: both ends of the copy (getfile: operator and agent, not the API server; scp and ssh: client and sshd)"
+    );
     println!();
     println!(
         "getfile / scp: {ratio:.2} (target >= {SCP_SHARE_TARGET}: {})",
@@ -670,6 +762,8 @@ fn report(dir: &Path, o: &Outcome) -> Result<()> {
             "mib_per_s": round(m.mib_per_s()),
             "median_seconds": round(m.median()),
             "runs_seconds": m.secs.iter().map(|s| round(*s)).collect::<Vec<_>>(),
+            "median_cpu_seconds": round(m.median_cpu()),
+            "runs_cpu_seconds": m.cpu.iter().map(|s| round(*s)).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "getfile_to_scp": round(ratio),
         "operator_rss_mib": {
@@ -691,7 +785,11 @@ fn report(dir: &Path, o: &Outcome) -> Result<()> {
     });
     let out = dir.join("getfile.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")?;
-    println!("written to {}", out.display());
+    println!(
+        "written to {}; the stack's logs are in {}",
+        out.display(),
+        dir.join("logs").display()
+    );
     Ok(())
 }
 
