@@ -33,6 +33,7 @@ const MIB: u64 = 1 << 20;
 /// The size the issue names: large enough that start-up costs fade, small enough to run
 /// in a minute or two.
 const SIZE: u64 = 750 * MIB;
+/// Runs per method unless `LR_BENCH_RUNS` says otherwise (more on a noisy machine).
 const RUNS: usize = 3;
 const NS: &str = "lr-bench";
 const DEVICE: &str = "bench";
@@ -44,6 +45,14 @@ const SCP_SHARE_TARGET: f64 = 0.5;
 const SSHD: &str = "/usr/sbin/sshd";
 /// One transfer must not take longer; far beyond any plausible speed.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn runs() -> usize {
+    std::env::var("LR_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(RUNS)
+}
 
 fn state() -> PathBuf {
     e2e::repo_root().join("e2e/.state/bench")
@@ -57,21 +66,23 @@ struct Method {
     cpu: Vec<f64>,
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 impl Method {
     fn median(&self) -> f64 {
-        let mut s = self.secs.clone();
-        s.sort_by(f64::total_cmp);
-        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+        median(&self.secs)
     }
 
     fn mib_per_s(&self) -> f64 {
-        (SIZE / MIB) as f64 / self.median()
+        mib(SIZE) / self.median()
     }
 
     fn median_cpu(&self) -> f64 {
-        let mut c = self.cpu.clone();
-        c.sort_by(f64::total_cmp);
-        c.get(c.len() / 2).copied().unwrap_or(f64::NAN)
+        median(&self.cpu)
     }
 }
 
@@ -203,6 +214,8 @@ fn ensure_sshd() -> Result<()> {
             .args(["install", "-y", "-qq", "openssh-server"])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null())
+            // stdout is the report's.
+            .stdout(std::io::stderr())
             .status()
             .context("running apt-get (the scp comparison needs Debian's openssh-server)")
     };
@@ -371,7 +384,7 @@ impl Drop for Sshd {
     }
 }
 
-/// `scp` and `ssh cat` of `src`, `RUNS` times each, every copy checked.
+/// `scp` and `ssh cat` of `src`, [`runs`] times each, every copy checked.
 fn openssh_runs(dir: &Path, src: &Path, want: &str) -> Result<Vec<Method>> {
     let mut sshd = Sshd::start(&dir.join("ssh"))?;
     let dest = dir.join("ssh-copy.bin");
@@ -403,7 +416,7 @@ fn openssh_runs(dir: &Path, src: &Path, want: &str) -> Result<Vec<Method>> {
         }
         cpu_secs(&sshd_pid, ticks)
     };
-    for i in 0..RUNS {
+    for i in 0..runs() {
         for m in [&mut scp, &mut cat] {
             let _ = std::fs::remove_file(&dest);
             sync();
@@ -422,8 +435,9 @@ fn openssh_runs(dir: &Path, src: &Path, want: &str) -> Result<Vec<Method>> {
             let cpu = cpu_secs("self", ticks)? + sshd_cpu()? - cpu_before;
             ensure!(
                 sha256_of(&dest)? == want,
-                "{} run {i}: the copy differs from the file",
-                m.name
+                "{} run {}: the copy differs from the file",
+                m.name,
+                i + 1
             );
             eprintln!(
                 "bench: {} run {}: {secs:.2}s, {:.0} MiB/s, {cpu:.2} CPU seconds",
@@ -554,7 +568,7 @@ async fn getfile_runs(
     let both =
         || -> Result<f64> { Ok(cpu_secs(&pid.to_string(), ticks)? + cpu_secs(&agent, ticks)?) };
     let (mut run_peaks, mut samples) = (Vec::new(), 0);
-    for i in 0..RUNS {
+    for i in 0..runs() {
         sync();
         let sampler = RssSampler::start(pid, SAMPLE_EVERY, Duration::ZERO)?;
         let cpu_before = both()?;
@@ -705,8 +719,9 @@ fn report(dir: &Path, o: &Outcome) -> Result<()> {
     let met = |ok: bool| if ok { "met" } else { "MISSED" };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "getfile benchmark: one {} MiB random file, {RUNS} runs per method, {} binaries, {cores} cores",
+        "getfile benchmark: one {} MiB random file, {} runs per method, {} binaries, {cores} cores",
         SIZE / MIB,
+        runs(),
         e2e::stack::profile_dir()
     );
     println!("MiB/s = 1048576 bytes per second; the median run of each method");
@@ -755,7 +770,7 @@ fn report(dir: &Path, o: &Outcome) -> Result<()> {
         "cores": cores,
         "profile": e2e::stack::profile_dir(),
         "file_bytes": SIZE,
-        "runs": RUNS,
+        "runs": runs(),
         "unit": "MiB/s (1 MiB = 1048576 bytes), median run",
         "methods": o.methods.iter().map(|m| serde_json::json!({
             "method": m.name,
