@@ -57,18 +57,36 @@ impl Drop for Stopped {
 
 /// Resident memory of a process in bytes (`VmRSS` of /proc/PID/status).
 pub fn vm_rss(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// The most resident memory a process had (`VmHWM`), since it started or since
+/// [`reset_hwm`].
+pub fn vm_hwm(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// Starts `VmHWM` again from the current resident memory, so a peak of the process's
+/// start-up does not count as a peak of what is measured next.
+pub fn reset_hwm(pid: u32) -> Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of process {pid}"))
+}
+
+/// A `kB` field of /proc/PID/status, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid} is gone"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     let kib: u64 = line
         .split_whitespace()
         .nth(1)
-        .context("empty VmRSS line")?
+        .with_context(|| format!("empty {field} line"))?
         .parse()
-        .with_context(|| format!("bad VmRSS line {line:?}"))?;
+        .with_context(|| format!("bad {field} line {line:?}"))?;
     Ok(kib * 1024)
 }
 

@@ -22,12 +22,23 @@ pub struct Stack {
     pub children: std::sync::Mutex<Vec<(String, std::process::Child)>>,
 }
 
-/// Where cargo put the binaries (`make build` / `cargo build --bins`).
+/// Where cargo put the binaries (`make build` / `cargo build --bins`). `LR_PROFILE=release`
+/// picks the optimised ones (`cargo build --release`), which a benchmark needs; anything
+/// else, or nothing, the debug ones the tests and the demo use.
 pub fn target_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::repo_root().join("target"));
-    target.join("debug").join(name)
+    target.join(profile_dir()).join(name)
+}
+
+/// The folder under the target directory that `LR_PROFILE` names. Only `release` leaves
+/// `debug`: a typo must not send the tests to a stale or missing folder.
+pub fn profile_dir() -> &'static str {
+    match std::env::var("LR_PROFILE").as_deref() {
+        Ok("release") => "release",
+        _ => "debug",
+    }
 }
 
 /// The address the file API listens on: the API server must reach it, and Endpoints refuse
@@ -120,8 +131,13 @@ impl Stack {
         };
         for bin in ["liveresponse-operator", "liveresponse-agent"] {
             if !target_bin(bin).exists() {
+                let how = if profile_dir() == "release" {
+                    "`cargo build --release --workspace --bins`"
+                } else {
+                    "`cargo build --bins` (or `make build`)"
+                };
                 bail!(
-                    "{} is not built: run `cargo build --bins` (or `make build`) first",
+                    "{} is not built: run {how} first",
                     target_bin(bin).display()
                 );
             }

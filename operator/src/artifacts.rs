@@ -86,6 +86,9 @@ pub struct ArtifactStore {
     store: Arc<dyn ObjectStore>,
     staging: PathBuf,
     backend: &'static str,
+    /// The local backend's directory, where a staged file can be moved in rather than
+    /// copied.
+    local: Option<PathBuf>,
 }
 
 impl ArtifactStore {
@@ -99,6 +102,7 @@ impl ArtifactStore {
             store: Arc::new(LocalFileSystem::new_with_prefix(&objects)?),
             staging,
             backend: "local",
+            local: Some(objects),
         })
     }
 
@@ -124,6 +128,7 @@ impl ArtifactStore {
             store: Arc::new(b.build()?),
             staging: staging.to_path_buf(),
             backend: "s3",
+            local: None,
         })
     }
 
@@ -147,12 +152,35 @@ impl ArtifactStore {
     }
 
     /// Stores a staged file whose digest the caller computed while writing it. A key that
-    /// exists already holds the same bytes, so it is not written again.
+    /// exists already holds the same bytes, so it is not written again. The local backend
+    /// moves the file in (it is gone from staging afterwards); storing it again after that
+    /// finds the key and succeeds, so a caller may retry.
     pub async fn put_staged(&self, file: &FsPath, sha256: &str) -> Result<u64> {
         let location = key(sha256)?;
-        let size = tokio::fs::metadata(file).await?.len();
+        let size = match tokio::fs::metadata(file).await {
+            Ok(m) => m.len(),
+            // Moved in by an earlier call whose caller failed afterwards.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.local.is_some() => {
+                return self.size_of(sha256).await?.ok_or(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         if self.size_of(sha256).await? == Some(size) {
             return Ok(size);
+        }
+        // Staging and objects share a directory, so a rename moves the bytes without
+        // reading and writing them again (for a large getfile, seconds). A rename is atomic:
+        // readers see the whole file or none, as with the store's own writes.
+        if let Some(objects) = &self.local {
+            let dest = objects.join(location.as_ref());
+            if let Some(parent) = dest.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            match tokio::fs::rename(file, &dest).await {
+                Ok(()) => return Ok(size),
+                // Another file system after all (a bind mount): copy as for a bucket.
+                Err(e) => tracing::debug!(error = %e, "cannot move the staged file; copying it"),
+            }
         }
         let upload = self.store.put_multipart(&location).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
@@ -336,6 +364,34 @@ mod tests {
         store.delete(&digest).await.unwrap();
         // Nothing is left in staging.
         assert_eq!(std::fs::read_dir(store.staging_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_staged_file_is_moved_in_and_storing_it_again_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::local(dir.path()).unwrap();
+        let staged = store.staging_dir().join("uid.part");
+        std::fs::write(&staged, b"evidence").unwrap();
+        let digest = sha(b"evidence");
+        assert_eq!(store.put_staged(&staged, &digest).await.unwrap(), 8);
+        assert!(!staged.exists(), "the staged file was copied, not moved");
+        // The caller failed after storing (a status write) and tries again.
+        assert_eq!(store.put_staged(&staged, &digest).await.unwrap(), 8);
+        assert_eq!(
+            store.read_bounded(&digest, 8).await.unwrap().unwrap(),
+            b"evidence"
+        );
+        // A staged file that is neither there nor stored is an error, not a success.
+        let missing = store.put_staged(&staged, &sha(b"other")).await;
+        assert!(
+            matches!(missing, Err(StoreError::Io(_))),
+            "{:?}",
+            missing.err()
+        );
+        // Content already stored: the key is kept, the staged copy is left to its caller.
+        std::fs::write(&staged, b"evidence").unwrap();
+        assert_eq!(store.put_staged(&staged, &digest).await.unwrap(), 8);
+        assert!(staged.exists());
     }
 
     #[tokio::test]

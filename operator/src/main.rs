@@ -244,12 +244,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let svc = AgentGatewayServer::new(GatewayService(gateway.clone()))
         .max_decoding_message_size(liveresponse_operator::gateway::MAX_AGENT_MESSAGE);
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // The socket options go on the incoming stream: tonic ignores its builder's
+        // `tcp_nodelay` and `tcp_keepalive` with `serve_with_incoming`. Without NODELAY,
+        // Nagle holds the gateway's small HTTP/2 window updates until the agent's delayed
+        // ACK (tens of ms), and a getfile crawls at about one flow-control window per ACK.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(20)));
         // Keepalives find a dead peer whose TCP connection did not say so.
         let r = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_keepalive(Some(Duration::from_secs(20)))
             .tls_config(tls)
             .map(|mut s| s.add_service(svc).serve_with_incoming(incoming));
         match r {
