@@ -336,22 +336,26 @@ pub fn place(
     Ok(dest)
 }
 
+/// A Command uid as a file name: the API server's uids are plain, but nothing a message
+/// carries becomes a path unchecked.
+pub fn file_name_of(uid: &str) -> String {
+    uid.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// A per-command scratch folder (0700), removed when dropped.
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {
     pub fn new(parent: &Path, uid: &str) -> Result<Self, ExecError> {
-        let safe: String = uid
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let dir = parent.join(safe);
+        let dir = parent.join(file_name_of(uid));
         let _ = std::fs::remove_dir_all(&dir);
         let mut b = std::fs::DirBuilder::new();
         b.recursive(true);

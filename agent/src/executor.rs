@@ -515,7 +515,7 @@ impl Executor {
             })?;
             let part = files.drop_dir.join(format!(
                 ".liveresponse-{}.part",
-                exec.command_uid.replace('/', "_")
+                crate::content::file_name_of(&exec.command_uid)
             ));
             let _ = std::fs::remove_file(&part);
             (part, None)
@@ -642,17 +642,7 @@ impl Executor {
             let dir = self.files().state_dir.join("collect");
             std::fs::create_dir_all(&dir)
                 .map_err(|e| ExecError::Failed(format!("cannot create {}: {e}", dir.display())))?;
-            let safe: String = t
-                .uid
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
+            let safe = crate::content::file_name_of(&t.uid);
             let package = dir.join(format!("{safe}.tar.gz"));
             if !package.exists() {
                 tracing::info!(package = %package.display(), "building the investigation package");

@@ -109,6 +109,33 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The intent of command `command_uid` to act on an entity, recorded before acting:
+    /// the caller adds what it will change (a file's backup, an account's line...).
+    pub fn intent(
+        id: &str,
+        command_uid: &str,
+        entity_type: &str,
+        entity: &str,
+        action: &str,
+    ) -> Self {
+        Entry {
+            id: id.to_string(),
+            command_uid: command_uid.to_string(),
+            entity_type: entity_type.to_string(),
+            entity: entity.to_string(),
+            action: action.to_string(),
+            time: jiff::Timestamp::now().to_string(),
+            state: State::Intent,
+            file: None,
+            account: None,
+            edit: None,
+            links: vec![],
+            pids: vec![],
+            undone_by: None,
+            undone_at: None,
+        }
+    }
+
     /// The record remediate, undo and `remediate list` show.
     pub fn record(&self) -> serde_json::Value {
         serde_json::json!({

@@ -38,6 +38,17 @@ fn record(e: &Entry, note: Option<String>) -> CommandResult {
     r
 }
 
+/// The answer to a remediation sent again after it was done: its record, unchanged.
+fn already_done(e: &Entry) -> CommandResult {
+    record(
+        e,
+        Some(format!(
+            "already done for this command at {}: not done again",
+            e.time
+        )),
+    )
+}
+
 fn io(what: &str, e: std::io::Error) -> ExecError {
     ExecError::Failed(format!("{what}: {e}"))
 }
@@ -194,13 +205,7 @@ fn quarantine_as(
     if let Some(e) = j.get(&id) {
         match e.state {
             State::Intent => return finish_quarantine(ctx, &j, e),
-            _ => {
-                let note = format!(
-                    "already done for this command at {}: not done again",
-                    e.time
-                );
-                return Ok(record(&e, Some(note)));
-            }
+            _ => return Ok(already_done(&e)),
         }
     }
     // The last component is not followed: a link is not what the analyst named.
@@ -224,16 +229,8 @@ fn quarantine_as(
     }
     let (size, sha256) = sha256_file(&host).map_err(|e| io_error(&e, &device))?;
     let e = Entry {
-        id: id.clone(),
-        command_uid: ctx.command_uid.clone(),
-        entity_type: kind.into(),
-        entity: device.clone(),
-        action: "quarantined".into(),
-        time: now(),
-        state: State::Intent,
-        account: None,
         file: Some(FileBackup {
-            path: device,
+            path: device.clone(),
             size,
             sha256,
             mode: meta.mode(),
@@ -243,11 +240,7 @@ fn quarantine_as(
             mtime: (meta.mtime(), meta.mtime_nsec()),
             xattrs: xattrs(&host),
         }),
-        edit: None,
-        links: vec![],
-        pids: vec![],
-        undone_by: None,
-        undone_at: None,
+        ..Entry::intent(&id, &ctx.command_uid, kind, &device, "quarantined")
     };
     j.write(&e)
         .map_err(|err| io("cannot write the journal", err))?;
@@ -324,13 +317,7 @@ fn stop_process(
             ));
         }
         Some(e) => {
-            return Ok(record(
-                &e,
-                Some(format!(
-                    "already done for this command at {}: not done again",
-                    e.time
-                )),
-            ));
+            return Ok(already_done(&e));
         }
         None => {}
     }
@@ -369,22 +356,7 @@ fn stop_process(
         }
     }
     let _held = j.lock();
-    let mut e = Entry {
-        id: id.clone(),
-        command_uid: ctx.command_uid.clone(),
-        entity_type: "process".into(),
-        entity: pid.to_string(),
-        action: "killed".into(),
-        time: now(),
-        state: State::Intent,
-        file: None,
-        account: None,
-        edit: None,
-        links: vec![],
-        pids: vec![],
-        undone_by: None,
-        undone_at: None,
-    };
+    let mut e = Entry::intent(&id, &ctx.command_uid, "process", &pid.to_string(), "killed");
     j.write(&e)
         .map_err(|err| io("cannot write the journal", err))?;
     let pids = super::scripts::kill_tree(pid);
@@ -455,13 +427,7 @@ fn remove_line(
     let hfs = HostFs::of(ctx);
     let existing = j.get(&id);
     if let Some(e) = existing.as_ref().filter(|e| e.state != State::Intent) {
-        return Ok(record(
-            e,
-            Some(format!(
-                "already done for this command at {}: not done again",
-                e.time
-            )),
-        ));
+        return Ok(already_done(e));
     }
     let device = hfs
         .resolve("/", path, true)
@@ -503,14 +469,6 @@ fn remove_line(
             fs::set_permissions(&blob, fs::Permissions::from_mode(0o000))
                 .map_err(|err| io("cannot lock the copy", err))?;
             let e = Entry {
-                id: id.clone(),
-                command_uid: ctx.command_uid.clone(),
-                entity_type: kind.into(),
-                entity: entity.into(),
-                action: "removed".into(),
-                time: now(),
-                state: State::Intent,
-                file: None,
                 edit: Some(crate::journal::FileEdit {
                     path: device.clone(),
                     line,
@@ -523,11 +481,7 @@ fn remove_line(
                     atime: (meta.atime(), meta.atime_nsec()),
                     mtime: (meta.mtime(), meta.mtime_nsec()),
                 }),
-                account: None,
-                links: vec![],
-                pids: vec![],
-                undone_by: None,
-                undone_at: None,
+                ..Entry::intent(&id, &ctx.command_uid, kind, entity, "removed")
             };
             j.write(&e)
                 .map_err(|err| io("cannot write the journal", err))?;
@@ -611,18 +565,13 @@ fn restore_edit(
         let meta = fs::metadata(&host).map_err(|err| io_error(&err, &edit.path))?;
         write_like(&host, &before, &meta).map_err(|err| io_error(&err, &edit.path))?;
     }
-    std::os::unix::fs::lchown(&host, Some(edit.uid), Some(edit.gid))
-        .map_err(|err| io_error(&err, &edit.path))?;
-    fs::set_permissions(&host, fs::Permissions::from_mode(edit.mode & 0o7777))
-        .map_err(|err| io_error(&err, &edit.path))?;
-    let times = fs::FileTimes::new()
-        .set_accessed(system_time(edit.atime))
-        .set_modified(system_time(edit.mtime));
-    fs::File::options()
-        .write(true)
-        .open(&host)
-        .and_then(|f| f.set_times(times))
-        .map_err(|err| io_error(&err, &edit.path))?;
+    restore_attributes(
+        &host,
+        (edit.uid, edit.gid, edit.mode),
+        &[],
+        (edit.atime, edit.mtime),
+    )
+    .map_err(|err| io_error(&err, &edit.path))?;
     e.state = State::Undone;
     e.undone_by = Some(ctx.command_uid.clone());
     e.undone_at = Some(now());
@@ -822,13 +771,7 @@ fn lock_user(ctx: &ExecContext, name: &str) -> Result<CommandResult, ExecError> 
     let _held = j.lock();
     let id = id_for(&ctx.command_uid, "user");
     if let Some(e) = j.get(&id).filter(|e| e.state != State::Intent) {
-        return Ok(record(
-            &e,
-            Some(format!(
-                "already done for this command at {}: not done again",
-                e.time
-            )),
-        ));
+        return Ok(already_done(&e));
     }
     let e = match j.get(&id) {
         Some(e) => e,
@@ -838,24 +781,12 @@ fn lock_user(ctx: &ExecContext, name: &str) -> Result<CommandResult, ExecError> 
                 ExecError::Failed(format!("the /etc/shadow line of {name} has too few fields"))
             })?;
             let e = Entry {
-                id: id.clone(),
-                command_uid: ctx.command_uid.clone(),
-                entity_type: "user".into(),
-                entity: name.into(),
-                action: "locked".into(),
-                time: now(),
-                state: State::Intent,
-                file: None,
                 account: Some(AccountBackup {
                     name: name.into(),
                     shadow_line: line,
                     locked_line,
                 }),
-                edit: None,
-                links: vec![],
-                pids: vec![],
-                undone_by: None,
-                undone_at: None,
+                ..Entry::intent(&id, &ctx.command_uid, "user", name, "locked")
             };
             j.write(&e)
                 .map_err(|err| io("cannot write the journal", err))?;
@@ -1004,20 +935,13 @@ fn restore_file(
         move_file(&blob, &host).map_err(|err| io_error(&err, &device))?;
     }
     // Undoing: the move happened, or happens above; put the metadata back either way.
-    // Owner before mode: a chown clears set-id bits.
-    std::os::unix::fs::lchown(&host, Some(backup.uid), Some(backup.gid))
-        .map_err(|err| io_error(&err, &device))?;
-    fs::set_permissions(&host, fs::Permissions::from_mode(backup.mode & 0o7777))
-        .map_err(|err| io_error(&err, &device))?;
-    let failed = set_xattrs(&host, &backup.xattrs);
-    let times = fs::FileTimes::new()
-        .set_accessed(system_time(backup.atime))
-        .set_modified(system_time(backup.mtime));
-    fs::File::options()
-        .write(true)
-        .open(&host)
-        .and_then(|f| f.set_times(times))
-        .map_err(|err| io_error(&err, &device))?;
+    let failed = restore_attributes(
+        &host,
+        (backup.uid, backup.gid, backup.mode),
+        &backup.xattrs,
+        (backup.atime, backup.mtime),
+    )
+    .map_err(|err| io_error(&err, &device))?;
     // A timer's enablement links, removed with it.
     for (link, target) in &e.links {
         let host_link = hfs.host_path(link);
@@ -1037,6 +961,29 @@ fn restore_file(
         first["action"] = serde_json::json!("restored");
     }
     Ok(r)
+}
+
+/// Puts a restored file's owner, mode, extended attributes and times back, in the order
+/// that keeps each: owner before mode (a chown clears set-id bits) and before the
+/// attributes (it clears security.capability), times last. The attributes that could not
+/// be set are returned.
+fn restore_attributes(
+    host: &Path,
+    (uid, gid, mode): (u32, u32, u32),
+    xattrs: &[(String, String)],
+    (atime, mtime): ((i64, i64), (i64, i64)),
+) -> std::io::Result<Vec<String>> {
+    std::os::unix::fs::lchown(host, Some(uid), Some(gid))?;
+    fs::set_permissions(host, fs::Permissions::from_mode(mode & 0o7777))?;
+    let failed = set_xattrs(host, xattrs);
+    let times = fs::FileTimes::new()
+        .set_accessed(system_time(atime))
+        .set_modified(system_time(mtime));
+    fs::File::options()
+        .write(true)
+        .open(host)
+        .and_then(|f| f.set_times(times))?;
+    Ok(failed)
 }
 
 fn system_time((secs, nanos): (i64, i64)) -> std::time::SystemTime {
@@ -1153,14 +1100,6 @@ mod tests {
         let id = id_for("uid-i", "file");
         let meta = fs::metadata(&f).expect("meta");
         j.write(&Entry {
-            id: id.clone(),
-            command_uid: "uid-i".into(),
-            entity_type: "file".into(),
-            entity: "/srv/half.txt".into(),
-            action: "quarantined".into(),
-            time: now(),
-            state: State::Intent,
-            account: None,
             file: Some(FileBackup {
                 path: "/srv/half.txt".into(),
                 size: 4,
@@ -1172,11 +1111,7 @@ mod tests {
                 mtime: (meta.mtime(), meta.mtime_nsec()),
                 xattrs: vec![],
             }),
-            edit: None,
-            links: vec![],
-            pids: vec![],
-            undone_by: None,
-            undone_at: None,
+            ..Entry::intent(&id, "uid-i", "file", "/srv/half.txt", "quarantined")
         })
         .expect("intent");
         run(&c, "remediate", &["file", "/srv/half.txt"]).expect("finished");
