@@ -32,7 +32,7 @@ fn sha256_of(path: &Path) -> Result<String> {
 }
 
 /// A tenant, an agent for `device` (with `agent_args`), and a Connected session `s`.
-async fn setup(
+pub(crate) async fn setup(
     env: &Env,
     ns: &str,
     device: &str,

@@ -16,13 +16,17 @@ use crate::Env;
 const T: Duration = Duration::from_secs(60);
 
 async fn setup(env: &Env, ns: &str, device: &str, root: &std::path::Path) -> Result<Client> {
-    env.stack.tenant(ns, "")?;
-    env.stack.start_agent(ns, device, root, &[])?;
-    env.stack.wait_device(ns, device, true, T)?;
-    let client = env.cluster.client("analyst-advanced").await?;
-    lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
-    lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
-    Ok(client)
+    crate::files::setup(env, ns, device, root, "", &[]).await
+}
+
+/// Grants the liveresponse-responder role to the advanced analysts of `ns`.
+fn bind_responders(env: &Env, ns: &str) -> Result<()> {
+    let binding = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: responders, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: liveresponse-responder}}\nsubjects:\n- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: \"liveresponse:analysts-advanced\"}}\n"
+    );
+    env.cluster
+        .kubectl_ok("admin", &["apply", "-f", "-"], Some(&binding))?;
+    Ok(())
 }
 
 async fn json(
@@ -272,11 +276,7 @@ pub async fn an_account_is_locked_and_restored_by_a_responder(env: &'static Env)
             refused.is_err_and(|e| format!("{e:#}").contains("liveresponse-responder")),
             "an advanced analyst without the responder role could lock an account"
         );
-        let binding = format!(
-            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: responders, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: liveresponse-responder}}\nsubjects:\n- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: \"liveresponse:analysts-advanced\"}}\n"
-        );
-        env.cluster
-            .kubectl_ok("admin", &["apply", "-f", "-"], Some(&binding))?;
+        bind_responders(env, ns)?;
 
         let r = json(&client, ns, "lock", "remediate", &["user", user]).await?;
         ensure!(r["action"] == "locked", "{r}");
@@ -285,7 +285,10 @@ pub async fn an_account_is_locked_and_restored_by_a_responder(env: &'static Env)
             status.split_whitespace().nth(1) == Some("L"),
             "passwd -S does not show the account locked: {status}"
         );
-        eprintln!("accounts: after remediate user, passwd -S says: {}", status.trim());
+        eprintln!(
+            "accounts: after remediate user, passwd -S says: {}",
+            status.trim()
+        );
         let c = Cmd::new("s", "remediate", &["user", "root"])
             .run(&client, ns, "lock-root")
             .await?;
@@ -296,7 +299,10 @@ pub async fn an_account_is_locked_and_restored_by_a_responder(env: &'static Env)
         );
         let u = json(&client, ns, "unlock", "undo", &["user", user]).await?;
         ensure!(u["action"] == "restored", "{u}");
-        ensure!(shadow_of(user)? == before, "the shadow line did not come back exactly");
+        ensure!(
+            shadow_of(user)? == before,
+            "the shadow line did not come back exactly"
+        );
         let status = sh(&["passwd", "-S", user], None)?;
         ensure!(status.split_whitespace().nth(1) == Some("P"), "{status}");
         Ok(())
@@ -507,7 +513,9 @@ pub async fn isolation_keeps_only_the_gateway(env: &'static Env) -> Result<()> {
     let _ = ip(&["netns", "del", netns]);
     ip(&["netns", "add", netns])?;
     let result = async {
-        ip(&["link", "add", "lr-iso-h", "type", "veth", "peer", "name", "lr-iso-n"])?;
+        ip(&[
+            "link", "add", "lr-iso-h", "type", "veth", "peer", "name", "lr-iso-n",
+        ])?;
         ip(&["link", "set", "lr-iso-n", "netns", netns])?;
         ip(&["addr", "add", "10.254.252.1/30", "dev", "lr-iso-h"])?;
         ip(&["link", "set", "lr-iso-h", "up"])?;
@@ -544,18 +552,19 @@ pub async fn isolation_keeps_only_the_gateway(env: &'static Env) -> Result<()> {
         let client = env.cluster.client("analyst-advanced").await?;
         lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
         lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
-        ensure!(connects_from(netns, &other_addr), "no connection before isolation");
+        ensure!(
+            connects_from(netns, &other_addr),
+            "no connection before isolation"
+        );
 
-        let refused = Cmd::new("s", "isolate", &[]).create(&client, ns, "iso-refused").await;
+        let refused = Cmd::new("s", "isolate", &[])
+            .create(&client, ns, "iso-refused")
+            .await;
         ensure!(
             refused.is_err_and(|e| format!("{e:#}").contains("liveresponse-responder")),
             "an advanced analyst without the responder role could isolate"
         );
-        let binding = format!(
-            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: responders, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: liveresponse-responder}}\nsubjects:\n- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: \"liveresponse:analysts-advanced\"}}\n"
-        );
-        env.cluster
-            .kubectl_ok("admin", &["apply", "-f", "-"], Some(&binding))?;
+        bind_responders(env, ns)?;
 
         let r = json(&client, ns, "iso", "isolate", &[]).await?;
         ensure!(r["state"] == "isolated", "{r}");
@@ -576,7 +585,10 @@ pub async fn isolation_keeps_only_the_gateway(env: &'static Env) -> Result<()> {
 
         let r = json(&client, ns, "rel", "release", &[]).await?;
         ensure!(r["state"] == "released", "{r}");
-        ensure!(connects_from(netns, &other_addr), "no connection after release");
+        ensure!(
+            connects_from(netns, &other_addr),
+            "no connection after release"
+        );
         e2e::eventually("the Device to say not isolated", T, || async {
             let dev = devices.get(device).await?;
             Ok(dev

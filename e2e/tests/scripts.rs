@@ -10,7 +10,7 @@ use e2e::fixture::host_root;
 use e2e::lr::{self, Cmd};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use liveresponse_api::crd::{Command, CommandPhase, LibraryFilePhase, LibrarySource, SessionPhase};
+use liveresponse_api::crd::{Command, CommandPhase, LibraryFilePhase, LibrarySource};
 use ssh_key::private::{Ed25519Keypair, KeypairData};
 use ssh_key::{HashAlg, LineEnding, PrivateKey};
 
@@ -35,16 +35,9 @@ fn sign(k: &PrivateKey, content: &[u8]) -> Result<String> {
         .to_pem(LineEnding::LF)?)
 }
 
-/// A tenant, an agent (state in the stack's folder), and a Connected session `s`.
+/// A tenant, an agent for `device` over a root of its own, and a Connected session `s`.
 async fn setup(env: &Env, ns: &str, device: &str, settings: &str) -> Result<Client> {
-    env.stack.tenant(ns, settings)?;
-    let root = host_root(ns)?;
-    env.stack.start_agent(ns, device, &root, &[])?;
-    env.stack.wait_device(ns, device, true, T)?;
-    let client = env.cluster.client("analyst-advanced").await?;
-    lr::open_session(&client, ns, "s", device, "analyst-advanced", None).await?;
-    lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
-    Ok(client)
+    crate::files::setup(env, ns, device, &host_root(ns)?, settings, &[]).await
 }
 
 async fn ready(env: &Env, ns: &str, name: &str) -> Result<()> {
