@@ -314,7 +314,12 @@ pub async fn interactive_console(env: &'static Env) -> Result<()> {
         .await?
         .items
         .iter()
-        .find(|c| c.spec.session == session_name && c.spec.command == "getfile")
+        // Names are random, so the list order says nothing: pick this file's getfile.
+        .find(|c| {
+            c.spec.session == session_name
+                && c.spec.command == "getfile"
+                && c.spec.args.iter().any(|a| a.ends_with("evidence.txt"))
+        })
         .and_then(|c| c.status.as_ref().and_then(|s| s.id))
         .context("the getfile has no id")?;
     tmux.line(&format!("download {getfile_id} > copy.txt"))?;
