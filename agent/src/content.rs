@@ -162,6 +162,12 @@ pub async fn fetch(
             .fetch(FetchRequest {
                 command_uid: uid.to_string(),
                 offset: written,
+                // The gateway serves a rule file by its name, the command's content without.
+                name: if content.analysis.is_empty() {
+                    String::new()
+                } else {
+                    content.name.clone()
+                },
             })
             .await
         {
@@ -392,6 +398,7 @@ mod tests {
             signature: String::new(),
             trusted_signers: vec![],
             allow_unsigned: true,
+            analysis: String::new(),
         }
     }
 

@@ -85,6 +85,8 @@ pub struct Executor {
     journal: Mutex<Option<Arc<crate::journal::Journal>>>,
     /// The gateway's URL (isolation keeps it reachable).
     gateway: Mutex<Option<String>>,
+    /// The rule files last compiled, for analyze and scan.
+    rule_cache: crate::analysis::RuleCache,
 }
 
 /// A library file fetched and verified for putfile or run.
@@ -115,6 +117,7 @@ impl Executor {
             channel: ChannelSlot::default(),
             journal: Mutex::new(None),
             gateway: Mutex::new(None),
+            rule_cache: crate::analysis::RuleCache::default(),
         })
     }
 
@@ -330,7 +333,7 @@ impl Executor {
                 }
             })
         } else {
-            let ctx = ExecContext {
+            let mut ctx = ExecContext {
                 host_root: self.host_root.clone(),
                 working_directory: if exec.working_directory.is_empty() {
                     "/".into()
@@ -353,15 +356,22 @@ impl Executor {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone(),
+                rules: None,
+                progress: self.progress_sink(&uid),
             };
             // A fetch that stalls must still end on cancel and at the deadline.
             let staging = tokio::select! {
-                r = self.stage(exec, name, &ctx) => r,
+                r = async {
+                    let staged = self.stage(exec, name, &ctx).await?;
+                    let rules = self.stage_rules(exec, &ctx).await?;
+                    Ok((staged, rules))
+                } => r,
                 why = stopped(ctx.cancelled.clone(), ctx.deadline) => Err(why),
             };
             match staging {
                 Err(e) => Err(e),
-                Ok(staged) => {
+                Ok((staged, rules)) => {
+                    ctx.rules = rules;
                     let me = self.clone();
                     // The blocking thread does not inherit the task's span; the provider's
                     // lines must still name the command.
@@ -563,6 +573,133 @@ impl Executor {
                 Err(e)
             }
         }
+    }
+
+    /// Sends a long command's progress on the current stream, at most once a second (and
+    /// at the end), never waiting for room in the queue.
+    fn progress_sink(self: &Arc<Self>, uid: &str) -> crate::provider::ProgressSink {
+        let me = Arc::downgrade(self);
+        let uid = uid.to_string();
+        let last: Mutex<Option<Instant>> = Mutex::new(None);
+        crate::provider::ProgressSink::new(move |done, total, unit| {
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) && done < total {
+                return;
+            }
+            *last = Some(Instant::now());
+            let Some(tx) = me.upgrade().and_then(|me| me.state().sender.clone()) else {
+                return;
+            };
+            let _ = tx.try_send(event(
+                &uid,
+                command_event::Event::Progress(proto::WorkProgress {
+                    done,
+                    total,
+                    unit: unit.into(),
+                }),
+            ));
+        })
+    }
+
+    /// analyze, scan and remediate -auto: the rule files in `exec.rules`, fetched (or
+    /// found from an earlier command, by digest), verified and compiled, once per set.
+    async fn stage_rules(
+        &self,
+        exec: &Execute,
+        ctx: &ExecContext,
+    ) -> Result<Option<Arc<crate::analysis::RuleSet>>, ExecError> {
+        use crate::analysis::{RuleFile, RuleSet};
+        if exec.rules.is_empty() {
+            return Ok(None);
+        }
+        if let Some(set) = self.rule_cache.get(&exec.rules) {
+            return Ok(Some(set));
+        }
+        let files = self.files();
+        let dir = files.state_dir.join("rules");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ExecError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        let mut loaded = Vec::new();
+        let mut problems = Vec::new();
+        for content in &exec.rules {
+            // The digest names the file: nothing else from the operator goes into a path.
+            if content.sha256.len() != 64 || !content.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                problems.push(format!(
+                    "rule file {} has no valid SHA-256: not used",
+                    content.name
+                ));
+                continue;
+            }
+            let dest = dir.join(content.sha256.to_ascii_lowercase());
+            let own = files.own_signers.clone();
+            let check = |dest: PathBuf, content: proto::Content, own: Option<Vec<String>>| async move {
+                tokio::task::spawn_blocking(move || {
+                    crate::content::verify(&dest, &content, own.as_deref())
+                })
+                .await
+                .unwrap_or_else(|e| Err(ExecError::Failed(format!("verifying crashed: {e}"))))
+            };
+            if !(dest.exists()
+                && check(dest.clone(), content.clone(), own.clone())
+                    .await
+                    .is_ok())
+            {
+                let part = dir.join(format!(
+                    "{}.part.{}",
+                    content.sha256.to_ascii_lowercase(),
+                    crate::content::file_name_of(&exec.command_uid)
+                ));
+                let _ = std::fs::remove_file(&part);
+                let slot = self.channel.clone();
+                let channel = move || slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let fetched = crate::content::fetch(
+                    channel,
+                    &exec.command_uid,
+                    content,
+                    &part,
+                    &ctx.cancelled,
+                    ctx.deadline,
+                )
+                .await;
+                let verified = match fetched {
+                    Ok(()) => check(part.clone(), content.clone(), own.clone()).await,
+                    Err(e @ (ExecError::Cancelled | ExecError::TimedOut)) => {
+                        let _ = std::fs::remove_file(&part);
+                        return Err(e);
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = verified.and_then(|_| {
+                    std::fs::rename(&part, &dest)
+                        .map_err(|e| ExecError::Failed(format!("cannot keep it: {e}")))
+                }) {
+                    let _ = std::fs::remove_file(&part);
+                    tracing::warn!(library = %content.name, error = %e, "rule file refused");
+                    problems.push(format!("rule file {} was not used: {e}", content.name));
+                    continue;
+                }
+            }
+            loaded.push(RuleFile {
+                content: content.clone(),
+                path: dest,
+            });
+        }
+        // A file that failed to arrive may arrive next time: only a whole set is kept.
+        let whole = problems.is_empty();
+        let set = tokio::task::spawn_blocking(move || {
+            let mut set = RuleSet::load(&loaded);
+            set.problems.extend(problems);
+            set
+        })
+        .await
+        .map_err(|e| ExecError::Failed(format!("compiling the rules crashed: {e}")))?;
+        tracing::info!(rules = %set.describe(), problems = set.problems.len(), "rule files compiled");
+        let set = Arc::new(set);
+        if whole {
+            self.rule_cache.put(&exec.rules, set.clone());
+        }
+        Ok(Some(set))
     }
 
     /// putfile puts the verified file into the drop folder; run runs it.

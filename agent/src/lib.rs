@@ -1,6 +1,7 @@
 //! The live response endpoint agent: enrollment, the connection loop, the command executor
 //! and one provider per operating system.
 
+pub mod analysis;
 pub mod connection;
 pub mod content;
 pub mod enroll;

@@ -177,6 +177,17 @@ async fn run(args: Args, levels: SessionLevels) -> Result<()> {
         library.own_signers = Some(lines);
     }
     library.clean_drop();
+    // An isolation recorded before a reboot holds again before anything else talks.
+    #[cfg(target_os = "linux")]
+    match liveresponse_agent::provider::linux::isolate::reapply(&args.state_dir, &args.gateway) {
+        Ok(Some(r)) => {
+            tracing::warn!(since = %r.since, by = %r.by, "the device is isolated: the isolation was applied again")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "the device is recorded as isolated, but the isolation could not be applied again")
+        }
+    }
     executor.set_files(library);
     let mut hello = hello(&executor, &args.host_root);
     if let Some(v) = args.protocol_version {

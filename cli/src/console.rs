@@ -64,6 +64,7 @@ pub enum Action {
         signature: Option<String>,
         description: Option<String>,
         name: Option<String>,
+        analysis: Option<String>,
     },
     /// A device command: becomes a Command resource.
     Run(ConsoleLine),
@@ -100,6 +101,7 @@ pub fn dispatch(line: &str) -> Action {
             signature: inv.get("signature").map(str::to_owned),
             description: inv.get("description").map(str::to_owned),
             name: inv.get("name").map(str::to_owned),
+            analysis: inv.get("analysis").map(str::to_owned),
         },
         "fg" => match id_of(inv.get("id")) {
             Ok(id) => Action::Foreground { id, redirect },
@@ -341,12 +343,14 @@ impl Console<'_> {
                     signature,
                     description,
                     name,
+                    analysis,
                 } => {
                     let upload = crate::library::Upload {
                         file: std::path::Path::new(&file),
                         name: name.as_deref(),
                         signature: signature.as_deref().map(std::path::Path::new),
                         description: description.as_deref(),
+                        analysis: analysis.as_deref().and_then(crate::library::analysis_of),
                     };
                     match interruptible(crate::library::upload(self.ctx, &upload)).await {
                         Some(Ok(())) => {}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
-use liveresponse_api::crd::{LibraryFile, LibraryFilePhase};
+use liveresponse_api::crd::{AnalysisRules, LibraryFile, LibraryFilePhase};
 use sha2::{Digest, Sha256};
 
 use crate::client::Ctx;
@@ -36,6 +36,17 @@ pub struct Upload<'a> {
     pub name: Option<&'a str>,
     pub signature: Option<&'a Path>,
     pub description: Option<&'a str>,
+    /// Makes it a rule file for analyze and scan.
+    pub analysis: Option<AnalysisRules>,
+}
+
+/// `yara` or `sha256` (the console's and the plugin's spelling) as the LibraryFile's.
+pub fn analysis_of(name: &str) -> Option<AnalysisRules> {
+    match name {
+        "yara" => Some(AnalysisRules::Yara),
+        "sha256" => Some(AnalysisRules::Sha256List),
+        _ => None,
+    }
 }
 
 pub async fn upload(ctx: &Ctx, u: &Upload<'_>) -> Result<()> {
@@ -80,6 +91,7 @@ pub async fn upload(ctx: &Ctx, u: &Upload<'_>) -> Result<()> {
             "source": { "artifact": sha },
             "sha256": sha,
             "signature": signature,
+            "analysis": u.analysis,
         },
     });
     api.patch(

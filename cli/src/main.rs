@@ -137,6 +137,10 @@ enum LibraryCmd {
         /// What the script does, shown by `library`.
         #[arg(long)]
         description: Option<String>,
+        /// Make it a rule file for analyze and scan: `yara` (YARA rules) or `sha256` (a
+        /// list of malicious SHA-256 digests).
+        #[arg(long, value_parser = ["yara", "sha256"])]
+        analysis: Option<String>,
     },
 }
 
@@ -209,6 +213,7 @@ async fn run(cli: &Cli) -> Result<i32> {
             name,
             signature,
             description,
+            analysis,
         }) => {
             library::upload(
                 &ctx,
@@ -217,6 +222,7 @@ async fn run(cli: &Cli) -> Result<i32> {
                     name: name.as_deref(),
                     signature: signature.as_deref(),
                     description: description.as_deref(),
+                    analysis: analysis.as_deref().and_then(library::analysis_of),
                 },
             )
             .await?

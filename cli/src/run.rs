@@ -142,6 +142,7 @@ pub async fn wait_final(
                 spinner.progress(
                     u64::try_from(p.bytes).unwrap_or(0),
                     u64::try_from(p.total_bytes).unwrap_or(0),
+                    p.unit.as_deref(),
                 );
             }
         },

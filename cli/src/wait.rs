@@ -54,12 +54,19 @@ impl Spinner {
 
     /// Turns the spinner into a progress bar of a transfer (getfile, putfile, run's
     /// script): bytes moved of `total`.
-    pub fn progress(&self, bytes: u64, total: u64) {
+    /// `unit` is what is counted when not bytes ("files" for a scan).
+    pub fn progress(&self, bytes: u64, total: u64, unit: Option<&str>) {
         if self.bar.length() != Some(total) {
-            let style = ProgressStyle::with_template(
-                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ({elapsed})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            // The unit comes from the status an agent fed: shown as text, never as a template.
+            let template = match unit {
+                None => "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ({elapsed})",
+                Some(_) => "{msg} {bar:30} {pos}/{len} {prefix} ({elapsed})",
+            };
+            let style = ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            if let Some(u) = unit {
+                self.bar.set_prefix(crate::sanitize::line(u).into_owned());
+            }
             self.bar.set_style(style);
             self.bar.set_length(total);
         }

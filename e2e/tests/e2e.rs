@@ -7,6 +7,7 @@
 //! then, one at a time, those that restart it.
 
 mod agent_protocol;
+mod analyze;
 mod api;
 mod certificates;
 mod console;
@@ -125,6 +126,8 @@ fn main() {
         respond::persistence_entries_are_removed_and_restored,
         respond::a_collected_package_matches_its_manifest,
         respond::isolation_keeps_only_the_gateway,
+        analyze::analyze_gives_verdicts_from_the_library_rules,
+        analyze::scan_finds_planted_files_within_bounds_and_cancels,
     ];
     let serial = trials![
         env,

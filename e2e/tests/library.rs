@@ -45,6 +45,7 @@ pub(crate) fn spec(file_name: &str, source: LibrarySource) -> LibraryFileSpec {
         source,
         sha256: None,
         signature: None,
+        analysis: None,
     }
 }
 

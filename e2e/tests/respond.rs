@@ -335,6 +335,11 @@ pub async fn persistence_entries_are_removed_and_restored(env: &'static Env) -> 
             "[Timer]\nOnCalendar=hourly\n[Install]\nWantedBy=timers.target\n",
             0o644,
         ),
+        (
+            "etc/systemd/system/miner.service",
+            "[Service]\nExecStart=/opt/x/miner\n[Install]\nWantedBy=multi-user.target\n",
+            0o644,
+        ),
     ];
     let old = std::time::UNIX_EPOCH + Duration::new(1_650_000_000, 5);
     for (rel, text, mode) in files {
@@ -350,6 +355,12 @@ pub async fn persistence_entries_are_removed_and_restored(env: &'static Env) -> 
     let wants = root.join("etc/systemd/system/timers.target.wants");
     std::fs::create_dir_all(&wants)?;
     std::os::unix::fs::symlink("/etc/systemd/system/evil.timer", wants.join("evil.timer"))?;
+    let multi = root.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&multi)?;
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/miner.service",
+        multi.join("miner.service"),
+    )?;
     let client = setup(env, ns, device, &root).await?;
 
     let steps = [
@@ -371,6 +382,12 @@ pub async fn persistence_entries_are_removed_and_restored(env: &'static Env) -> 
             "evil.timer",
             "etc/systemd/system/evil.timer",
         ),
+        (
+            "service",
+            "service",
+            "miner",
+            "etc/systemd/system/miner.service",
+        ),
     ];
     for (name, kind, entity, rel) in steps {
         let before = std::fs::read(root.join(rel))?;
@@ -387,6 +404,12 @@ pub async fn persistence_entries_are_removed_and_restored(env: &'static Env) -> 
             after != before,
             "remediate {kind} {entity} changed nothing: {r}"
         );
+        if kind == "service" {
+            ensure!(
+                std::fs::symlink_metadata(multi.join("miner.service")).is_err(),
+                "the service's enablement link is still there: {r}"
+            );
+        }
         let u = json(
             &client,
             ns,
@@ -411,6 +434,10 @@ pub async fn persistence_entries_are_removed_and_restored(env: &'static Env) -> 
     ensure!(
         std::fs::read_link(wants.join("evil.timer")).is_ok(),
         "the timer's enablement link did not come back"
+    );
+    ensure!(
+        std::fs::read_link(multi.join("miner.service")).is_ok(),
+        "the service's enablement link did not come back"
     );
     env.stack.kill_agent(ns, device);
     let _ = std::fs::remove_dir_all(&root);
@@ -582,6 +609,41 @@ pub async fn isolation_keeps_only_the_gateway(env: &'static Env) -> Result<()> {
         })
         .await?;
         eprintln!("isolate: {}", r["message"]);
+
+        // A reboot empties the kernel's rules; the agent applies its record again when it
+        // starts, before anything else.
+        ip(&[
+            "netns",
+            "exec",
+            netns,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "liveresponse_isolation",
+        ])?;
+        ensure!(
+            connects_from(netns, &other_addr),
+            "deleting the table did not open the network (the test's reboot stand-in)"
+        );
+        env.stack.kill_agent(ns, device);
+        env.stack.start_agent_in(
+            ns,
+            device,
+            &root,
+            &proxy.url(),
+            Some(netns),
+            &["--gateway-name", "127.0.0.1"],
+        )?;
+        env.stack.wait_device(ns, device, true, T)?;
+        lr::wait_session(&client, ns, "s", SessionPhase::Connected, T).await?;
+        ensure!(
+            !connects_from(netns, &other_addr),
+            "the isolation was not applied again when the agent started"
+        );
+        let d = json(&client, ns, "dir-restarted", "dir", &["/"]).await?;
+        ensure!(d["name"] == "evidence.txt", "dir after the restart: {d}");
+        eprintln!("isolate: applied again at agent start; the agent reconnected through it");
 
         let r = json(&client, ns, "rel", "release", &[]).await?;
         ensure!(r["state"] == "released", "{r}");

@@ -118,6 +118,8 @@ pub struct Progress {
     pub bytes: u64,
     pub total: Option<u64>,
     pub resumed_at: Option<u64>,
+    /// What `bytes` and `total` count when not bytes ("files" for scan).
+    pub unit: Option<&'static str>,
 }
 
 impl Report {
@@ -167,6 +169,10 @@ struct InFlight {
     progress_woken: Option<Instant>,
     /// putfile and run: the library file the agent may fetch while this is in flight.
     content: Option<content::ContentSource>,
+    /// analyze, scan and remediate -auto: the rule files it may fetch, by name.
+    rules: Vec<content::ContentSource>,
+    /// scan: how far the agent says it got (files done, total).
+    work: Option<(u64, u64)>,
     /// How many of its bytes were served.
     content_sent: u64,
 }
@@ -321,6 +327,14 @@ impl Gateway {
         let file = {
             let st = self.state();
             let f = st.inflight.get(exec_uid)?;
+            if let Some((done, total)) = f.work {
+                return Some(Progress {
+                    bytes: done,
+                    total: Some(total),
+                    resumed_at: None,
+                    unit: Some("files"),
+                });
+            }
             match (&f.file, &f.content) {
                 (Some(file), _) => file.clone(),
                 // putfile and run: how much of the library file the device fetched.
@@ -330,6 +344,7 @@ impl Gateway {
                         bytes: sent,
                         total: Some(c.size),
                         resumed_at: None,
+                        unit: None,
                     });
                 }
                 (None, None) => return None,
@@ -340,6 +355,7 @@ impl Gateway {
             bytes: f.written(),
             total: f.total(),
             resumed_at: f.resumed_at(),
+            unit: None,
         })
     }
 
@@ -364,11 +380,13 @@ impl Gateway {
         } else {
             None
         };
-        let content = exec.content.as_ref().map(|c| content::ContentSource {
+        let source = |c: &liveresponse_api::proto::Content| content::ContentSource {
             namespace: target.namespace.clone(),
             library: c.name.clone(),
             size: c.size,
-        });
+        };
+        let content = exec.content.as_ref().map(source);
+        let rules = exec.rules.iter().map(source).collect();
         let msg = OperatorMessage {
             msg: Some(operator_message::Msg::Execute(exec)),
         };
@@ -398,6 +416,8 @@ impl Gateway {
                         file,
                         progress_woken: None,
                         content,
+                        rules,
+                        work: None,
                         content_sent: 0,
                     },
                 );
@@ -689,6 +709,22 @@ impl Gateway {
         }
         match ev.event {
             Some(command_event::Event::Output(chunk)) => f.sink.push(&chunk.data),
+            Some(command_event::Event::Progress(p)) => {
+                // Only a count the status can show as such; an agent names no other unit.
+                if p.unit != "files" || p.done > p.total {
+                    return Ok(());
+                }
+                f.work = Some((p.done, p.total));
+                let wake = f
+                    .progress_woken
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+                if wake {
+                    f.progress_woken = Some(Instant::now());
+                    let r = f.target.object_ref();
+                    drop(st);
+                    self.command_wakes.wake(r);
+                }
+            }
             // Handled by on_file_chunk before the lock is taken.
             Some(command_event::Event::File(_)) => {}
             Some(command_event::Event::Completed(c)) => {
@@ -1238,7 +1274,9 @@ impl AgentGateway for GatewayService {
     ) -> Result<Response<Self::FetchStream>, Status> {
         let (device, _, _) = self.0.authenticate(req.peer_certs()).await?;
         let ask = req.into_inner();
-        let source = self.0.content_source(&device, &ask.command_uid)?;
+        let source = self
+            .0
+            .content_source(&device, &ask.command_uid, &ask.name)?;
         tracing::info!(uid = %ask.command_uid, library = %source.library, offset = ask.offset, "serving a library file to its device");
         content::serve(self.0.clone(), ask.command_uid, source, ask.offset)
             .await

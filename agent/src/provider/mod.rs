@@ -47,6 +47,40 @@ pub struct ExecContext {
     pub state_dir: Option<PathBuf>,
     /// The gateway's URL: what isolation keeps reachable.
     pub gateway: Option<String>,
+    /// analyze, scan and remediate -auto: the namespace's rule files, compiled.
+    pub rules: Option<Arc<crate::analysis::RuleSet>>,
+    /// Where a long command says how far it got (the Command's status.progress).
+    pub progress: ProgressSink,
+}
+
+/// Receives `(done, total, unit)` of a long command ("files"); the executor sends it on,
+/// at most about once a second, and drops what does not fit its queue rather than slow
+/// the work.
+#[derive(Clone, Default)]
+pub struct ProgressSink(Option<Arc<ProgressFn>>);
+
+type ProgressFn = dyn Fn(u64, u64, &'static str) + Send + Sync;
+
+impl ProgressSink {
+    pub fn new(f: impl Fn(u64, u64, &'static str) + Send + Sync + 'static) -> Self {
+        ProgressSink(Some(Arc::new(f)))
+    }
+
+    pub fn report(&self, done: u64, total: u64, unit: &'static str) {
+        if let Some(f) = &self.0 {
+            f(done, total, unit);
+        }
+    }
+}
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ProgressSink(set)"
+        } else {
+            "ProgressSink(none)"
+        })
+    }
 }
 
 impl ExecContext {
@@ -62,6 +96,8 @@ impl ExecContext {
             journal: None,
             state_dir: None,
             gateway: None,
+            rules: None,
+            progress: ProgressSink::default(),
         }
     }
 

@@ -865,7 +865,7 @@ static REGISTRY: &[CommandSpec] = &[
         background_allowed: true,
         timeout: TimeoutClass::Normal,
         summary: "Analyse an entity and give a verdict",
-        help: "Checks the file behind the entity (the file itself, a process image, a service binary, a task action...) against the configured engines.",
+        help: "Checks the file behind the entity (the file itself, a process's executable, a service's binary) against the namespace's YARA rules and SHA-256 lists (LibraryFiles with spec.analysis), plus built-in checks that need no rules: a process whose executable was deleted or replaced, an executable in a world-writable directory, a listening process whose executable is outside package paths. The verdict is malicious, suspicious, clean (rules were there and found nothing) or unknown (nothing to check it against), with the evidence.",
         examples: &[
             "analyze file C:\\Users\\Public\\evil.exe",
             "analyze process 4242",
@@ -931,14 +931,17 @@ static REGISTRY: &[CommandSpec] = &[
         platforms: ALL,
         positional: NONE_PARAMS,
         named: NONE_PARAMS,
-        flags: NONE_FLAGS,
+        flags: &[flag(
+            "allow_dns",
+            "Keep the device's name servers (from /etc/resolv.conf) reachable on port 53.",
+        )],
         prerequisites: &[],
         columns: &[col("state", "STATE"), col("message", "MESSAGE")],
         background_allowed: true,
         timeout: TimeoutClass::Normal,
         summary: "Cut the device off the network, except for live response",
-        help: "Blocks all traffic but the agent's connection; undo with release.",
-        examples: &["isolate"],
+        help: "Blocks all traffic but loopback and the agent's connection to its gateway (and, with -allow_dns, the name servers); it holds across agent restarts and reboots (the agent applies it again when it starts) until release.",
+        examples: &["isolate", "isolate -allow_dns"],
     },
     CommandSpec {
         name: "release",
@@ -955,7 +958,7 @@ static REGISTRY: &[CommandSpec] = &[
         background_allowed: true,
         timeout: TimeoutClass::Normal,
         summary: "Release the device from isolation",
-        help: "Restores the network configuration that isolate replaced.",
+        help: "Removes exactly the rules isolate added (the agent's own nftables table).",
         examples: &["release"],
     },
     CommandSpec {
@@ -972,6 +975,7 @@ static REGISTRY: &[CommandSpec] = &[
         columns: &[
             col("name", "NAME"),
             col("fileName", "FILE"),
+            col("analysis", "RULES"),
             col("phase", "PHASE"),
             col("signed", "SIGNED"),
             col("size", "SIZE"),
@@ -1029,6 +1033,11 @@ static REGISTRY: &[CommandSpec] = &[
                 ValueKind::Text,
                 "Name of the LibraryFile (default: from the file name).",
             ),
+            optional(
+                "analysis",
+                ValueKind::Choice(&["yara", "sha256"]),
+                "Make it a rule file for analyze and scan: YARA rules, or a SHA-256 list.",
+            ),
         ],
         flags: NONE_FLAGS,
         prerequisites: &[],
@@ -1037,7 +1046,10 @@ static REGISTRY: &[CommandSpec] = &[
         timeout: TimeoutClass::Normal,
         summary: "Add a local file to the namespace's library (library admins)",
         help: "Sends the content through the file API, names it in a LibraryFile by sha256 and waits until the operator says Ready or Invalid.",
-        examples: &["library upload ./collect-logs.sh -description \"Collects logs\""],
+        examples: &[
+            "library upload ./collect-logs.sh -description \"Collects logs\"",
+            "library upload ./webshells.yar -analysis yara",
+        ],
     },
     CommandSpec {
         name: "putfile",
@@ -1094,7 +1106,14 @@ static REGISTRY: &[CommandSpec] = &[
         ],
         named: NONE_PARAMS,
         flags: &[
-            flag("auto", "Run analyze on the entity first."),
+            flag(
+                "auto",
+                "Run analyze on the entity first, and act only on a malicious or suspicious verdict.",
+            ),
+            flag(
+                "force",
+                "With -auto: act even when analyze finds the entity clean or cannot tell.",
+            ),
             flag(
                 "quarantine",
                 "process: also quarantine the process's executable.",
@@ -1179,21 +1198,33 @@ static REGISTRY: &[CommandSpec] = &[
         positional: &[optional(
             "path",
             ValueKind::Path,
-            "File or directory to scan; a quick scan of the device when omitted.",
+            "File or directory to scan; a quick scan (running executables, /tmp, /var/tmp, /dev/shm) when omitted.",
         )],
-        named: NONE_PARAMS,
+        named: &[
+            optional(
+                "max_files",
+                ValueKind::UInt,
+                "Stop after this many files (100000 when omitted).",
+            ),
+            optional(
+                "max_file_size",
+                ValueKind::UInt,
+                "Skip files larger than this many bytes (64 MiB when omitted).",
+            ),
+        ],
         flags: NONE_FLAGS,
         prerequisites: &[],
         columns: &[
             col("path", "PATH"),
+            col("verdict", "VERDICT"),
             col("threat", "THREAT"),
-            col("action", "ACTION"),
+            col("engine", "ENGINE"),
         ],
         background_allowed: true,
-        timeout: TimeoutClass::Normal,
-        summary: "Run an antivirus scan",
-        help: "Uses the device's antivirus engine and reports what it found.",
-        examples: &["scan", "scan /home &"],
+        timeout: TimeoutClass::Long,
+        summary: "Scan files with the library's YARA rules and hash lists",
+        help: "Walks the folder (without following links or leaving its filesystem) and checks every regular file against the namespace's YARA rules and SHA-256 lists (LibraryFiles with spec.analysis) and the built-in checks, within max_files, max_file_size and the command's timeout; each finding is a row, and the warnings say what was skipped. Cancel stops it. Nothing is changed: remediate acts on what it finds.",
+        examples: &["scan", "scan /home &", "scan /tmp -max_files 5000"],
     },
     CommandSpec {
         name: "undo",

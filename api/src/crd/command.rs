@@ -178,6 +178,9 @@ pub struct TransferProgress {
     /// Where an interrupted transfer resumed, when it did (bytes kept, not sent again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_at: Option<i64>,
+    /// What `bytes` and `totalBytes` count when it is not bytes: `files` for a scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
 }
 
 /// What a remediate or undo command changed.

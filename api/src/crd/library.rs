@@ -15,6 +15,7 @@ use super::Condition;
     shortname = "lrlib",
     category = "liveresponse",
     printcolumn(name = "File", type_ = "string", json_path = ".spec.fileName"),
+    printcolumn(name = "Analysis", type_ = "string", json_path = ".spec.analysis"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Signed", type_ = "boolean", json_path = ".status.signed"),
     printcolumn(name = "Size", type_ = "integer", json_path = ".status.size"),
@@ -51,6 +52,31 @@ pub struct LibraryFileSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16384))]
     pub signature: Option<String>,
+    /// Makes this file a rule set for `analyze`, `scan` and `remediate -auto` instead of a
+    /// script: `Yara` (YARA rules source) or `Sha256List` (one malicious SHA-256 per line,
+    /// optionally followed by a name; `#` starts a comment). Every Ready rule file of the
+    /// namespace is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisRules>,
+}
+
+/// What kind of rules a library file holds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum AnalysisRules {
+    /// YARA rules source, as `yara-x` compiles it.
+    Yara,
+    /// One SHA-256 (hex) per line, optionally followed by a name.
+    Sha256List,
+}
+
+impl AnalysisRules {
+    /// The name `Execute.rules[].analysis` carries to the agent.
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            AnalysisRules::Yara => "yara",
+            AnalysisRules::Sha256List => "sha256",
+        }
+    }
 }
 
 /// How to call a library script.

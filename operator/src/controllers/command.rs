@@ -131,6 +131,8 @@ pub struct Observed {
     pub access: Result<(), String>,
     /// putfile and run: the library file as validated, or why it cannot be used.
     pub content: Option<Result<proto::Content, String>>,
+    /// analyze, scan and remediate -auto: the namespace's Ready rule files.
+    pub rules: Vec<proto::Content>,
 }
 
 /// One execution to send to the agent.
@@ -557,6 +559,7 @@ fn progress_to_record(c: &Command, p: Option<Progress>) -> Option<TransferProgre
         bytes: i64::try_from(p.bytes).unwrap_or(i64::MAX),
         total_bytes: i64::try_from(p.total?).unwrap_or(i64::MAX),
         resumed_at: p.resumed_at.and_then(|r| i64::try_from(r).ok()),
+        unit: p.unit.map(str::to_string),
     };
     let recorded = c.status.as_ref().and_then(|s| s.progress.as_ref());
     (recorded != Some(&now)).then_some(now)
@@ -724,6 +727,10 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
         }
         _ => None,
     };
+    let rules = match (&parsed, &session) {
+        (Ok(inv), Some(_)) if may_send && uses_rules(inv) => analysis_rules(&ns, ctx).await?,
+        _ => Vec::new(),
+    };
     Ok(Observed {
         now: jiff::Timestamp::now(),
         uptime: ctx.started.elapsed(),
@@ -743,7 +750,57 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
         },
         access,
         content,
+        rules,
     })
+}
+
+/// Whether the agent needs the namespace's rule files for this command (a `remediate
+/// -auto` analyses its entity again right before it acts).
+fn uses_rules(inv: &Invocation) -> bool {
+    matches!(inv.spec.name, "analyze" | "scan")
+        || (inv.spec.name == "remediate" && inv.has_flag("auto"))
+}
+
+/// The namespace's rule files for analyze and scan: every LibraryFile with
+/// `spec.analysis` that is Ready for its current generation. One that is not Ready is left
+/// out (its status says why), so a broken rule file never stops an analysis.
+async fn analysis_rules(ns: &str, ctx: &Context) -> Result<Vec<proto::Content>> {
+    use liveresponse_api::crd::{LibraryFile, LibraryFilePhase};
+    let api: Api<LibraryFile> = Api::namespaced(ctx.client.clone(), ns);
+    let settings = ctx
+        .settings_of(ns)
+        .map(|s| s.spec.clone())
+        .unwrap_or_default();
+    let mut rules: Vec<proto::Content> = api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|lf| {
+            let kind = lf.spec.analysis?;
+            let st = lf.status.clone()?;
+            let ready = st.phase == Some(LibraryFilePhase::Ready)
+                && st.observed_generation == lf.metadata.generation;
+            ready.then(|| proto::Content {
+                name: lf.name_any(),
+                file_name: lf.spec.file_name.clone(),
+                size: st
+                    .size
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or_default(),
+                sha256: st.sha256.clone().unwrap_or_default(),
+                signature: lf.spec.signature.clone().unwrap_or_default(),
+                trusted_signers: settings.trusted_signers.clone(),
+                // Rules run no code on the device; the pinned digest is what they are
+                // held to, and a signature, when there is one, must still verify.
+                allow_unsigned: true,
+                analysis: kind.wire_name().into(),
+            })
+        })
+        .collect();
+    // A stable order, so the agent's cache of compiled rules keys on the same list.
+    rules.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(rules)
 }
 
 /// The library file a putfile or run names, as its controller validated it, with what the
@@ -802,6 +859,7 @@ async fn library_content(
         signature: lf.spec.signature.clone().unwrap_or_default(),
         trusted_signers: settings.trusted_signers,
         allow_unsigned: settings.allow_unsigned_scripts,
+        analysis: String::new(),
     }))
 }
 
@@ -970,6 +1028,7 @@ async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> 
                 resume_offset: 0,
                 max_file_bytes: o.limits.max_file_size,
                 content: o.content.clone().and_then(|c| c.ok()),
+                rules: o.rules.clone(),
             };
             let sent = ctx.gateway.execute(target, msg);
             if let Err(SendError::Staging(why)) = &sent {

@@ -89,6 +89,7 @@ fn obs(c: &Command) -> Observed {
         exec: ExecState::default(),
         access: Ok(()),
         content: None,
+        rules: Vec::new(),
     }
 }
 

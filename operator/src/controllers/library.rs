@@ -184,6 +184,7 @@ pub fn record(lf: &LibraryFile) -> serde_json::Value {
         "parameters": params.and_then(|p| p.description.clone()),
         "example": params.and_then(|p| p.example.clone()),
         "message": st.message,
+        "analysis": lf.spec.analysis.map(|a| a.wire_name()),
     })
 }
 

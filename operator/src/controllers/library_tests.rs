@@ -29,6 +29,7 @@ fn spec(file_name: &str) -> LibraryFileSpec {
         },
         sha256: None,
         signature: None,
+        analysis: None,
     }
 }
 

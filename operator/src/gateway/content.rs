@@ -36,21 +36,29 @@ pub struct ContentSource {
 }
 
 impl Gateway {
-    /// The library file `uid` may fetch, if it is a putfile or run in flight on `device`.
+    /// The library file `uid` may fetch, if it is a putfile or run in flight on `device`
+    /// (`name` empty), or the rule file `name` of an analyze or scan in flight there.
     /// Anything else is refused alike, so a device learns nothing of other commands.
     pub(super) fn content_source(
         &self,
         device: &DeviceKey,
         uid: &str,
+        name: &str,
     ) -> Result<ContentSource, Status> {
         let st = self.state();
         st.inflight
             .get(uid)
             .filter(|f| &f.target.device == device)
-            .and_then(|f| f.content.clone())
+            .and_then(|f| {
+                if name.is_empty() {
+                    f.content.clone()
+                } else {
+                    f.rules.iter().find(|r| r.library == name).cloned()
+                }
+            })
             .ok_or_else(|| {
                 Status::permission_denied(format!(
-                    "no putfile or run {uid} is in flight for device {}",
+                    "no command {uid} in flight for device {} may fetch that file",
                     device.1
                 ))
             })
@@ -231,7 +239,7 @@ mod tests {
             gw.register(key(d), Hello::default(), tx)
                 .expect("connected");
         }
-        let send = |uid: &str, device: &str, content: Option<Content>| {
+        let send = |uid: &str, device: &str, content: Option<Content>, rules: Vec<Content>| {
             let target = CommandTarget {
                 namespace: "ns".into(),
                 name: uid.into(),
@@ -242,6 +250,7 @@ mod tests {
                 command_uid: uid.into(),
                 command: if content.is_some() { "run" } else { "dir" }.into(),
                 content,
+                rules,
                 ..Default::default()
             };
             gw.execute(target, exec).expect("sent");
@@ -252,10 +261,20 @@ mod tests {
             size: 10,
             ..Default::default()
         };
-        send("run-1", "ours", Some(script));
-        send("dir-1", "ours", None);
+        let rule = Content {
+            name: "webshells".into(),
+            file_name: "webshells.yar".into(),
+            size: 7,
+            analysis: "yara".into(),
+            ..Default::default()
+        };
+        send("run-1", "ours", Some(script), Vec::new());
+        send("dir-1", "ours", None, Vec::new());
+        send("scan-1", "ours", None, vec![rule]);
 
-        let allowed = gw.content_source(&key("ours"), "run-1").expect("its own");
+        let allowed = gw
+            .content_source(&key("ours"), "run-1", "")
+            .expect("its own");
         assert_eq!(
             allowed,
             ContentSource {
@@ -264,12 +283,31 @@ mod tests {
                 size: 10,
             }
         );
-        for (device, uid) in [("theirs", "run-1"), ("ours", "dir-1"), ("ours", "nope")] {
-            let e = gw.content_source(&key(device), uid).expect_err("refused");
-            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{device} {uid}");
+        let rules = gw
+            .content_source(&key("ours"), "scan-1", "webshells")
+            .expect("its rule file");
+        assert_eq!(rules.library, "webshells");
+        for (device, uid, name) in [
+            ("theirs", "run-1", ""),
+            ("ours", "dir-1", ""),
+            ("ours", "nope", ""),
+            // A name the command does not carry: not even another LibraryFile of the
+            // same namespace.
+            ("ours", "run-1", "collect"),
+            ("ours", "scan-1", "collect"),
+            ("theirs", "scan-1", "webshells"),
+        ] {
+            let e = gw
+                .content_source(&key(device), uid, name)
+                .expect_err("refused");
+            assert_eq!(
+                e.code(),
+                tonic::Code::PermissionDenied,
+                "{device} {uid} {name}"
+            );
         }
         // Finished: nothing more to fetch.
         gw.forget("run-1");
-        assert!(gw.content_source(&key("ours"), "run-1").is_err());
+        assert!(gw.content_source(&key("ours"), "run-1", "").is_err());
     }
 }

@@ -23,6 +23,11 @@ pub struct Record {
     pub by: String,
     /// What stays reachable, for the analyst.
     pub allowed: Vec<String>,
+    /// The addresses the rules let through, to apply them again after a reboot.
+    #[serde(default)]
+    pub gateways: Vec<std::net::SocketAddr>,
+    #[serde(default)]
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 pub fn record_path(state_dir: &Path) -> PathBuf {
@@ -63,10 +68,42 @@ fn gateway_endpoints(url: &str) -> Result<Vec<std::net::SocketAddr>, ExecError> 
     Ok(addrs)
 }
 
+/// The name servers of the host's resolv.conf (below the host root).
+fn name_servers(ctx: &ExecContext) -> Vec<std::net::IpAddr> {
+    let text = super::read_small_host_file(&ctx.host_root, "/etc/resolv.conf", 64 * 1024)
+        .unwrap_or_default();
+    parse_resolv_conf(&text)
+}
+
+fn parse_resolv_conf(text: &str) -> Vec<std::net::IpAddr> {
+    let mut servers = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("nameserver")
+            && let Some(ip) = words.next().and_then(|w| w.split('%').next()?.parse().ok())
+            && !servers.contains(&ip)
+        {
+            servers.push(ip);
+        }
+    }
+    servers
+}
+
 /// The ruleset: replaces the table in one transaction.
-pub fn ruleset(gateways: &[std::net::SocketAddr]) -> String {
+pub fn ruleset(gateways: &[std::net::SocketAddr], dns: &[std::net::IpAddr]) -> String {
     let mut input = String::new();
     let mut output = String::new();
+    for ip in dns {
+        let family = if ip.is_ipv4() { "ip" } else { "ip6" };
+        for proto in ["udp", "tcp"] {
+            input.push_str(&format!(
+                "    {family} saddr {ip} {proto} sport 53 accept\n"
+            ));
+            output.push_str(&format!(
+                "    {family} daddr {ip} {proto} dport 53 accept\n"
+            ));
+        }
+    }
     for g in gateways {
         let family = if g.is_ipv4() { "ip" } else { "ip6" };
         input.push_str(&format!(
@@ -142,16 +179,27 @@ fn result(r: &Record, state: &str, note: Option<String>) -> CommandResult {
     out
 }
 
-pub(super) fn isolate(ctx: &ExecContext) -> Result<CommandResult, ExecError> {
+pub(super) fn isolate(ctx: &ExecContext, allow_dns: bool) -> Result<CommandResult, ExecError> {
     let dir = state_dir(ctx)?;
     let url = ctx
         .gateway
         .as_deref()
         .ok_or_else(|| ExecError::Failed("this agent does not know its gateway".into()))?;
     let gateways = gateway_endpoints(url)?;
+    let dns = if allow_dns {
+        let servers = name_servers(ctx);
+        if servers.is_empty() {
+            return Err(ExecError::Failed(
+                "-allow_dns: /etc/resolv.conf names no name server; isolate without -allow_dns, or fix resolv.conf first".into(),
+            ));
+        }
+        servers
+    } else {
+        Vec::new()
+    };
     let previous = current(dir);
     // Applied again even when recorded: after a reboot the table is gone.
-    nft(&ruleset(&gateways))?;
+    nft(&ruleset(&gateways, &dns))?;
     if let Some(r) = previous {
         return Ok(result(
             &r,
@@ -161,16 +209,44 @@ pub(super) fn isolate(ctx: &ExecContext) -> Result<CommandResult, ExecError> {
     }
     let mut allowed = vec!["loopback".to_string()];
     allowed.extend(gateways.iter().map(|g| format!("gateway {g}")));
+    allowed.extend(dns.iter().map(|ip| format!("name server {ip}")));
     let r = Record {
         since: jiff::Timestamp::now().to_string(),
         by: ctx.command_uid.clone(),
         allowed,
+        gateways,
+        dns,
     };
     let text = serde_json::to_vec_pretty(&r).unwrap_or_default();
     std::fs::write(record_path(dir), text)
         .map_err(|e| ExecError::Failed(format!("isolated, but cannot record it: {e}")))?;
     tracing::warn!(by = %r.by, "device isolated: only the gateway is reachable");
     Ok(result(&r, "isolated", None))
+}
+
+/// At agent start: a recorded isolation is applied again, since a reboot (or anyone with
+/// root) may have emptied the kernel's rules while the record says the device is
+/// isolated. The gateway is resolved again too, in case its address changed.
+pub fn reapply(state_dir: &Path, gateway: &str) -> Result<Option<Record>, ExecError> {
+    let Some(r) = current(state_dir) else {
+        return Ok(None);
+    };
+    let mut gateways = r.gateways.clone();
+    if let Ok(now) = gateway_endpoints(gateway) {
+        for g in now {
+            if !gateways.contains(&g) {
+                gateways.push(g);
+            }
+        }
+    }
+    if gateways.is_empty() {
+        return Err(ExecError::Failed(
+            "the isolation record names no gateway and the gateway does not resolve: not applied"
+                .into(),
+        ));
+    }
+    nft(&ruleset(&gateways, &r.dns))?;
+    Ok(Some(r))
 }
 
 pub(super) fn release(ctx: &ExecContext) -> Result<CommandResult, ExecError> {
@@ -205,10 +281,14 @@ mod tests {
 
     #[test]
     fn the_ruleset_lets_only_the_gateway_and_loopback_through() {
-        let rules = ruleset(&[
-            "10.0.0.1:8443".parse().expect("addr"),
-            "[fd00::1]:443".parse().expect("addr"),
-        ]);
+        let rules = ruleset(
+            &[
+                "10.0.0.1:8443".parse().expect("addr"),
+                "[fd00::1]:443".parse().expect("addr"),
+            ],
+            &[],
+        );
+        assert!(!rules.contains("53"));
         assert!(rules.starts_with("add table inet liveresponse_isolation\ndelete table"));
         assert!(rules.contains("policy drop;"));
         assert!(rules.contains("ip daddr 10.0.0.1 tcp dport 8443 accept"));
@@ -219,5 +299,30 @@ mod tests {
             gateway_endpoints("https://127.0.0.1:9443").expect("resolved"),
             vec!["127.0.0.1:9443".parse().expect("addr")]
         );
+    }
+
+    #[test]
+    fn allow_dns_opens_port_53_to_the_name_servers_only() {
+        let servers = parse_resolv_conf(
+            "# generated\nsearch corp\nnameserver 10.0.0.53\nnameserver fe80::1%eth0\nnameserver bogus\noptions ndots:2\n",
+        );
+        assert_eq!(
+            servers,
+            vec![
+                "10.0.0.53".parse::<std::net::IpAddr>().expect("ip"),
+                "fe80::1".parse().expect("ip")
+            ]
+        );
+        let rules = ruleset(&["10.0.0.1:8443".parse().expect("addr")], &servers);
+        assert!(rules.contains("ip daddr 10.0.0.53 udp dport 53 accept"));
+        assert!(rules.contains("ip daddr 10.0.0.53 tcp dport 53 accept"));
+        assert!(rules.contains("ip6 saddr fe80::1 udp sport 53 accept"));
+    }
+
+    #[test]
+    fn records_of_an_older_agent_still_read() {
+        let old = r#"{"since":"2026-12-01T00:00:00Z","by":"uid","allowed":["loopback"]}"#;
+        let r: Record = serde_json::from_str(old).expect("reads");
+        assert!(r.gateways.is_empty() && r.dns.is_empty());
     }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::{CommandResult, ExecContext, ExecError, OpenedFile, Provider};
 
+mod analyze;
 mod collect;
 mod files;
 mod hostfs;
@@ -29,6 +30,7 @@ pub(crate) use hostfs::read_small_host_file;
 /// The device commands this provider implements so far, all with `Handler::Provider` in
 /// the registry (a test checks it); the registry says who answers the others.
 const COMMANDS: &[&str] = &[
+    "analyze",
     "cd",
     "collect",
     "connections",
@@ -45,6 +47,7 @@ const COMMANDS: &[&str] = &[
     "remediate",
     "remediate list",
     "run",
+    "scan",
     "scheduledtasks",
     "services",
     "startupfolders",
@@ -102,10 +105,12 @@ impl Provider for LinuxProvider {
             "scheduledtasks" => persistence::scheduledtasks(ctx, inv),
             "startupfolders" => persistence::startupfolders(ctx),
             "persistence" => persistence::persistence(ctx),
+            "analyze" => analyze::analyze(ctx, inv),
+            "scan" => analyze::scan(ctx, inv),
             "remediate" => remediate::remediate(ctx, inv),
             "remediate list" => remediate::list(ctx),
             "undo" => remediate::undo(ctx, inv),
-            "isolate" => isolate::isolate(ctx),
+            "isolate" => isolate::isolate(ctx, inv.has_flag("allow_dns")),
             "release" => isolate::release(ctx),
             // Streamed by the executor through open_file, not answered as records.
             "getfile" | "putfile" | "run" | "collect" => Err(ExecError::Failed(format!(
@@ -238,10 +243,12 @@ mod tests {
         for name in provider.capabilities() {
             let spec = liveresponse_api::command::find(name).unwrap();
             assert!(spec.supports(liveresponse_api::command::Platform::Linux));
-            // Advanced verbs are the ones that move or change things.
+            // Advanced verbs are the ones that move or change things, or read any file.
             assert!(
                 spec.tier == liveresponse_api::command::Tier::Basic
                     || [
+                        "analyze",
+                        "scan",
                         "collect",
                         "getfile",
                         "isolate",

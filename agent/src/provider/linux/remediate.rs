@@ -56,14 +56,26 @@ fn io(what: &str, e: std::io::Error) -> ExecError {
 pub(super) fn remediate(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult, ExecError> {
     let kind = required(inv, "type")?;
     let entity = required(inv, "entity")?;
+    // -auto: the verdict on exactly what is about to be acted on, not on what the analyze
+    // step saw a moment ago. A remediation already journaled for this command goes on: its
+    // entity may be gone by now (quarantined), and the journal makes it act once anyway.
+    let journaled = ctx
+        .journal
+        .as_ref()
+        .is_some_and(|j| j.list().iter().any(|e| e.command_uid == ctx.command_uid));
+    if inv.has_flag("auto") && !journaled {
+        let (shown, verdict, _) = super::analyze::verdict_of(ctx, kind, entity)?;
+        crate::analysis::may_act(verdict, inv.has_flag("force"), &shown)?;
+    }
     match kind {
         "file" => quarantine_file(ctx, entity, "file"),
         "process" => stop_process(ctx, entity, inv.has_flag("quarantine")),
         "user" => lock_user(ctx, entity),
+        "service" => disable_unit(ctx, entity, kind),
         "startupitem" | "scheduledtask" => match split_line_ref(entity) {
             Some((path, line)) => remove_line(ctx, kind, entity, path, line),
             None if kind == "scheduledtask" && entity.ends_with(".timer") => {
-                disable_timer(ctx, entity)
+                disable_unit(ctx, entity, kind)
             }
             None => quarantine_as(ctx, entity, kind, kind),
         },
@@ -587,10 +599,24 @@ fn restore_edit(
 /// A systemd timer: its unit file is quarantined and the links that enable it removed
 /// (recorded, so undo makes them again). systemd itself is told when the agent runs on
 /// the host.
-fn disable_timer(ctx: &ExecContext, unit: &str) -> Result<CommandResult, ExecError> {
-    if unit.contains('/') {
+/// A systemd unit (a timer for `scheduledtask`, a service for `service`): stopped where
+/// systemd runs the host, its enablement links removed and its unit file quarantined, all
+/// in one journal entry that undo puts back.
+fn disable_unit(ctx: &ExecContext, unit: &str, kind: &str) -> Result<CommandResult, ExecError> {
+    if unit.is_empty() || unit.contains('/') || unit.starts_with('.') {
         return Err(ExecError::InvalidArgument(format!(
             "{unit:?} is not a unit name"
+        )));
+    }
+    let unit = if kind == "service" && !unit.contains('.') {
+        format!("{unit}.service")
+    } else {
+        unit.to_string()
+    };
+    let unit = unit.as_str();
+    if kind == "service" && unit.starts_with("liveresponse-agent") {
+        return Err(ExecError::PermissionDenied(format!(
+            "refusing to disable {unit}: it runs this agent, and the device would drop out of live response"
         )));
     }
     let hfs = HostFs::of(ctx);
@@ -605,7 +631,12 @@ fn disable_timer(ctx: &ExecContext, unit: &str) -> Result<CommandResult, ExecErr
         .find(|p| fs::symlink_metadata(hfs.host_path(p)).is_ok_and(|m| m.is_file()))
     else {
         return Err(ExecError::NotFound(format!(
-            "no timer unit {unit} in {}",
+            "no {} unit {unit} in {}",
+            if kind == "service" {
+                "service"
+            } else {
+                "timer"
+            },
             dirs.join(", ")
         )));
     };
@@ -627,10 +658,10 @@ fn disable_timer(ctx: &ExecContext, unit: &str) -> Result<CommandResult, ExecErr
             .stdin(std::process::Stdio::null())
             .output();
     }
-    let mut r = quarantine_as(ctx, &file, "scheduledtask", "scheduledtask")?;
+    let mut r = quarantine_as(ctx, &file, kind, kind)?;
     let j = journal(ctx)?;
     let _held = j.lock();
-    let id = id_for(&ctx.command_uid, "scheduledtask");
+    let id = id_for(&ctx.command_uid, kind);
     if let Some(mut e) = j.get(&id).filter(|e| e.links.is_empty()) {
         for (link, _) in &links {
             let _ = fs::remove_file(hfs.host_path(link));
@@ -859,7 +890,12 @@ pub(super) fn undo(ctx: &ExecContext, inv: &Invocation) -> Result<CommandResult,
         .or_else(|| {
             all.iter()
                 .rev()
-                .find(|e| e.entity_type == kind && (e.entity == entity || e.entity == wanted))
+                .find(|e| {
+                    e.entity_type == kind
+                        && (e.entity == entity
+                            || e.entity == wanted
+                            || (kind == "service" && e.entity == format!("{entity}.service")))
+                })
         })
         .cloned()
         .ok_or_else(|| {
