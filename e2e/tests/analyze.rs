@@ -78,6 +78,31 @@ pub async fn analyze_gives_verdicts_from_the_library_rules(env: &'static Env) ->
     std::fs::write(root.join("srv/dropper.bin"), &dropper)?;
     let client = crate::files::setup(env, ns, device, &root, "", &[]).await?;
 
+    // A basic analyst is refused every respond verb, by admission, before anything runs.
+    let basic = env.cluster.client("analyst-basic").await?;
+    for (i, line) in [
+        &["analyze", "file", "/srv/www/index.html"][..],
+        &["scan", "/srv"],
+        &["collect"],
+        &["isolate"],
+        &["release"],
+        &["remediate", "file", "/srv/www/index.html"],
+        &["remediate", "list"],
+        &["undo", "file", "/srv/www/index.html"],
+        &["remediate", "user", "nobody"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let refused = Cmd::new("s", line[0], &line[1..])
+            .create(&basic, ns, &format!("basic-{i}"))
+            .await;
+        ensure!(
+            refused.is_err_and(|e| format!("{e:#}").contains("liveresponse-advanced")),
+            "a basic analyst's {line:?} was not refused by admission"
+        );
+    }
+
     // Before any rule file: nothing to tell clean from bad.
     let (_, r) = records(
         &client,

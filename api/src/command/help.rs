@@ -225,7 +225,7 @@ mod tests {
         );
         assert_eq!(
             usage(spec("remediate")),
-            "remediate <file|process|service|registry|scheduledtask|startupitem|user> <entity> [-auto] [-quarantine] [-output table|json]"
+            "remediate <file|process|service|registry|scheduledtask|startupitem|user> <entity> [-auto] [-force] [-quarantine] [-output table|json]"
         );
         assert_eq!(
             usage(spec("dir")),
@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(
             usage_of_verb("Library").as_deref(),
             Some(
-                "library [-output table|json]\nlibrary delete <name> [-output table|json]\nlibrary upload <file> [-signature <path>] [-description <description>] [-name <name>]"
+                "library [-output table|json]\nlibrary delete <name> [-output table|json]\nlibrary upload <file> [-signature <path>] [-description <description>] [-name <name>] [-analysis yara|sha256]"
             )
         );
         assert_eq!(usage_of_verb("nope"), None);

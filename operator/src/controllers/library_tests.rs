@@ -307,7 +307,15 @@ fn listing_table_has_one_aligned_row_per_file() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "FILE", "PHASE", "SIGNED", "SIZE", "DESCRIPTION"],
+        [
+            "NAME",
+            "FILE",
+            "RULES",
+            "PHASE",
+            "SIGNED",
+            "SIZE",
+            "DESCRIPTION"
+        ],
         "{out}"
     );
     // Sorted by file name.
