@@ -865,7 +865,7 @@ static REGISTRY: &[CommandSpec] = &[
         background_allowed: true,
         timeout: TimeoutClass::Normal,
         summary: "Analyse an entity and give a verdict",
-        help: "Checks the file behind the entity (the file itself, a process's executable, a service's binary) against the namespace's YARA rules and SHA-256 lists (LibraryFiles with spec.analysis), plus built-in checks that need no rules: a process whose executable was deleted or replaced, an executable in a world-writable directory, a listening process whose executable is outside package paths. The verdict is malicious, suspicious, clean (rules were there and found nothing) or unknown (nothing to check it against), with the evidence.",
+        help: "Checks the file behind the entity (the file itself, or a process's executable as the kernel holds it, even when deleted) against the namespace's YARA rules and SHA-256 lists (LibraryFiles with spec.analysis), plus built-in checks that need no rules: a process whose executable was deleted or replaced, an executable in a world-writable directory, a listening process whose executable is outside package paths. The verdict is malicious, suspicious, clean (rules were there and found nothing) or unknown (nothing to check it against), with the evidence.",
         examples: &[
             "analyze file C:\\Users\\Public\\evil.exe",
             "analyze process 4242",

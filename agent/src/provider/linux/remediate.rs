@@ -596,9 +596,6 @@ fn restore_edit(
     Ok(r)
 }
 
-/// A systemd timer: its unit file is quarantined and the links that enable it removed
-/// (recorded, so undo makes them again). systemd itself is told when the agent runs on
-/// the host.
 /// A systemd unit (a timer for `scheduledtask`, a service for `service`): stopped where
 /// systemd runs the host, its enablement links removed and its unit file quarantined, all
 /// in one journal entry that undo puts back.
