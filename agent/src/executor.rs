@@ -358,6 +358,7 @@ impl Executor {
                     .clone(),
                 rules: None,
                 progress: self.progress_sink(&uid),
+                requested_by: exec.requested_by.clone(),
             };
             // A fetch that stalls must still end on cancel and at the deadline.
             let staging = tokio::select! {

@@ -603,11 +603,15 @@ pub async fn isolation_keeps_only_the_gateway(env: &'static Env) -> Result<()> {
         ensure!(d["name"] == "evidence.txt", "dir while isolated: {d}");
         let devices: kube::Api<liveresponse_api::crd::Device> =
             kube::Api::namespaced(env.cluster.client("admin").await?, ns);
-        e2e::eventually("the Device to say isolated", T, || async {
+        let isolation = e2e::eventually("the Device to say isolated", T, || async {
             let dev = devices.get(device).await?;
-            Ok(dev.status.and_then(|s| s.isolation).map(|_| ()))
+            Ok(dev.status.and_then(|s| s.isolation))
         })
         .await?;
+        ensure!(
+            isolation.by.starts_with("analyst-advanced (command "),
+            "the Device does not say who isolated it: {isolation:?}"
+        );
         eprintln!("isolate: {}", r["message"]);
 
         // A reboot empties the kernel's rules; the agent applies its record again when it

@@ -51,6 +51,8 @@ pub struct ExecContext {
     pub rules: Option<Arc<crate::analysis::RuleSet>>,
     /// Where a long command says how far it got (the Command's status.progress).
     pub progress: ProgressSink,
+    /// The user whose session sent the command, as the operator says.
+    pub requested_by: String,
 }
 
 /// Receives `(done, total, unit)` of a long command ("files"); the executor sends it on,
@@ -98,6 +100,7 @@ impl ExecContext {
             gateway: None,
             rules: None,
             progress: ProgressSink::default(),
+            requested_by: String::new(),
         }
     }
 

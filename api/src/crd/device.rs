@@ -127,6 +127,6 @@ pub struct DeviceStatus {
 pub struct DeviceIsolation {
     /// When it was isolated (RFC 3339).
     pub since: String,
-    /// The session and command that isolated it.
+    /// Who isolated it: the session's user and the command's uid.
     pub by: String,
 }

@@ -1029,6 +1029,7 @@ async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> 
                 max_file_bytes: o.limits.max_file_size,
                 content: o.content.clone().and_then(|c| c.ok()),
                 rules: o.rules.clone(),
+                requested_by: session.requested_by.clone(),
             };
             let sent = ctx.gateway.execute(target, msg);
             if let Err(SendError::Staging(why)) = &sent {

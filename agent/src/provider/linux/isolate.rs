@@ -212,7 +212,11 @@ pub(super) fn isolate(ctx: &ExecContext, allow_dns: bool) -> Result<CommandResul
     allowed.extend(dns.iter().map(|ip| format!("name server {ip}")));
     let r = Record {
         since: jiff::Timestamp::now().to_string(),
-        by: ctx.command_uid.clone(),
+        by: if ctx.requested_by.is_empty() {
+            format!("command {}", ctx.command_uid)
+        } else {
+            format!("{} (command {})", ctx.requested_by, ctx.command_uid)
+        },
         allowed,
         gateways,
         dns,
