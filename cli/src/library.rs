@@ -91,9 +91,13 @@ pub async fn upload(ctx: &Ctx, u: &Upload<'_>) -> Result<()> {
             "source": { "artifact": sha },
             "sha256": sha,
             "signature": signature,
-            "analysis": u.analysis,
         },
     });
+    // Only when asked: the CRD's enum takes no null, and a script has no analysis kind.
+    let mut obj = obj;
+    if let Some(kind) = u.analysis {
+        obj["spec"]["analysis"] = serde_json::json!(kind);
+    }
     api.patch(
         &name,
         &PatchParams::apply("kubectl-liveresponse").force(),

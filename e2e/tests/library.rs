@@ -392,6 +392,30 @@ pub async fn upload_through_the_file_api(env: &'static Env) -> Result<()> {
         lf.spec
     );
 
+    // A rule file for analyze and scan: the same upload with --analysis.
+    let rules = dir.join("webshells.yar");
+    std::fs::write(&rules, "rule x { strings: $a = \"eval(\" condition: $a }\n")?;
+    let (ok, _, err) = e2e::lr::cli(
+        &env.cluster,
+        "library-admin",
+        &[
+            "-n",
+            ns,
+            "library",
+            "upload",
+            &rules.to_string_lossy(),
+            "--analysis",
+            "yara",
+        ],
+    )?;
+    ensure!(ok, "upload --analysis yara failed: {err}");
+    let lf = api.get("webshells.yar").await?;
+    ensure!(
+        lf.spec.analysis == Some(liveresponse_api::crd::AnalysisRules::Yara),
+        "the rule file's kind: {:?}",
+        lf.spec.analysis
+    );
+
     let big = dir.join("big.sh");
     std::fs::write(&big, "#".repeat(8 << 10))?;
     let (ok, _, err) = e2e::lr::cli(
