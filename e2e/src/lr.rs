@@ -186,6 +186,15 @@ pub fn content(c: &Command) -> String {
         .unwrap_or_default()
 }
 
+/// The device's notes on a command's output (what it skipped, cut or could not read).
+pub fn warnings(c: &Command) -> Vec<String> {
+    c.status
+        .as_ref()
+        .and_then(|s| s.output.as_ref())
+        .map(|o| o.warnings.clone())
+        .unwrap_or_default()
+}
+
 /// The output records of a JSON command.
 pub fn records(c: &Command) -> Result<Vec<serde_json::Value>> {
     Ok(serde_json::from_str(&content(c))?)

@@ -271,12 +271,7 @@ pub async fn scan_finds_planted_files_within_bounds_and_cancels(env: &'static En
         r.len() == 2,
         "only the two planted files should be reported: {r:?}"
     );
-    let warnings = c
-        .status
-        .as_ref()
-        .and_then(|s| s.output.as_ref())
-        .map(|o| o.warnings.clone())
-        .unwrap_or_default();
+    let warnings = lr::warnings(&c);
     ensure!(
         warnings
             .iter()
@@ -294,12 +289,7 @@ pub async fn scan_finds_planted_files_within_bounds_and_cancels(env: &'static En
         .run(&client, ns, "bounded")
         .await?;
     lr::succeeded(&c)?;
-    let warnings = c
-        .status
-        .as_ref()
-        .and_then(|s| s.output.as_ref())
-        .map(|o| o.warnings.clone())
-        .unwrap_or_default();
+    let warnings = lr::warnings(&c);
     ensure!(
         warnings
             .iter()

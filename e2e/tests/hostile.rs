@@ -159,12 +159,7 @@ pub async fn persistence_survives_a_hostile_home(env: &'static Env) -> Result<()
         .await?;
     let took = started.elapsed();
     lr::succeeded(&c)?;
-    let warnings = c
-        .status
-        .as_ref()
-        .and_then(|s| s.output.as_ref())
-        .map(|o| o.warnings.clone())
-        .unwrap_or_default();
+    let warnings = lr::warnings(&c);
     println!("persistence in {took:?}, warnings: {warnings:?}");
     for expect in [
         "skipped /home/mallory/.ssh/authorized_keys is a FIFO; not read",

@@ -263,7 +263,7 @@ fn process_findings(
             details: format!("it runs from {exe}, in a directory every user may write"),
         });
     }
-    let ports = listening_ports(pid);
+    let ports = listening_ports(ctx, pid);
     if !ports.is_empty() && !PACKAGE_PATHS.iter().any(|p| exe.starts_with(p)) {
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
         findings.push(Finding {
@@ -285,8 +285,9 @@ fn process_findings(
     Ok((shown, findings))
 }
 
-/// TCP ports `pid` listens on (IPv4 and IPv6), from its own socket descriptors.
-fn listening_ports(pid: u32) -> Vec<u16> {
+/// TCP ports `pid` listens on (IPv4 and IPv6), from its own socket descriptors and its
+/// network namespace's tables, read as `connections` reads them (bounded, procfs's parser).
+fn listening_ports(ctx: &ExecContext, pid: u32) -> Vec<u16> {
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -304,32 +305,16 @@ fn listening_ports(pid: u32) -> Vec<u16> {
     if inodes.is_empty() {
         return Vec::new();
     }
-    let mut ports = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9))
-            else {
-                continue;
-            };
-            if *state != "0A" || !inode.parse().is_ok_and(|i: u64| inodes.contains(&i)) {
-                continue;
-            }
-            if let Some(port) = local
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok())
-                && !ports.contains(&port)
-            {
-                ports.push(port);
-            }
-        }
-    }
+    let mut ports: Vec<u16> = ["tcp", "tcp6"]
+        .into_iter()
+        .filter_map(|t| super::network::read_table_of(ctx, pid, t).ok())
+        .filter_map(|t| super::network::parse_tcp(&t).ok())
+        .flatten()
+        .filter(|s| s.state == "LISTEN" && inodes.contains(&s.inode))
+        .map(|s| s.local.port())
+        .collect();
     ports.sort_unstable();
+    ports.dedup();
     ports
 }
 
@@ -628,6 +613,14 @@ mod tests {
             "{:?}",
             r.records
         );
+    }
+
+    #[test]
+    fn a_listening_socket_is_found_by_its_owner() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let ports = listening_ports(&ExecContext::new("/"), std::process::id());
+        assert!(ports.contains(&port), "{port} not in {ports:?}");
     }
 
     #[test]

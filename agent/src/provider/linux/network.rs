@@ -130,7 +130,12 @@ const TABLE_CAP: u64 = 64 << 20;
 /// Reads `/proc/<agent pid>/net/<table>` (what `/proc/net` links to, named without links so
 /// the link-refusing reader takes it), bounded; procfs's own reader has no limit.
 fn read_table(ctx: &ExecContext, table: &str) -> Result<Vec<u8>, String> {
-    let path = format!("/proc/{}/net/{table}", std::process::id());
+    read_table_of(ctx, std::process::id(), table)
+}
+
+/// The same table as process `pid` sees it (its network namespace), as bounded.
+pub(super) fn read_table_of(ctx: &ExecContext, pid: u32, table: &str) -> Result<Vec<u8>, String> {
+    let path = format!("/proc/{pid}/net/{table}");
     read_proc_bytes(ctx, Path::new(&path), TABLE_CAP).map_err(|e| e.to_string())
 }
 
