@@ -74,6 +74,9 @@ pub struct Context {
     failures: Mutex<HashMap<(&'static str, String, String), u32>>,
     /// Where getfile results, full outputs and library uploads are kept.
     pub artifacts: Arc<ArtifactStore>,
+    /// The operator's own user name, as the API server knows it: a batch's child sessions
+    /// are opened in this name, which no one else can use (admission).
+    pub identity: String,
 }
 
 impl Context {
@@ -85,6 +88,7 @@ impl Context {
         stores: Stores,
         timing: Timing,
         artifacts: Arc<ArtifactStore>,
+        identity: String,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -109,6 +113,7 @@ impl Context {
             finished: Mutex::new(Finished::default()),
             failures: Mutex::new(HashMap::new()),
             artifacts,
+            identity,
         }
     }
 

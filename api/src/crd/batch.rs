@@ -26,8 +26,16 @@ pub const ON_BEHALF_OF_ANNOTATION: &str = "liveresponse.io/on-behalf-of";
     printcolumn(name = "Command", type_ = "string", json_path = ".status.commandLine"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Devices", type_ = "integer", json_path = ".status.total"),
-    printcolumn(name = "Succeeded", type_ = "integer", json_path = ".status.counts.succeeded"),
-    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.counts.failed"),
+    printcolumn(
+        name = "Succeeded",
+        type_ = "integer",
+        json_path = ".status.counts.succeeded"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.counts.failed"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
