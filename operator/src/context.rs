@@ -30,6 +30,14 @@ pub struct Stores {
     pub settings: Store<LiveResponseSettings>,
 }
 
+/// Who this operator is.
+pub struct Who {
+    /// Name of this replica.
+    pub instance: String,
+    /// The user name the API server knows it by (see [`Context::identity`]).
+    pub identity: String,
+}
+
 /// Timing knobs (flags of the operator).
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
@@ -84,17 +92,17 @@ impl Context {
         client: Client,
         gateway: Arc<Gateway>,
         metrics: Metrics,
-        instance: &str,
+        who: Who,
         stores: Stores,
         timing: Timing,
         artifacts: Arc<ArtifactStore>,
-        identity: String,
     ) -> Self {
+        let Who { instance, identity } = who;
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
                 controller: "liveresponse-operator".into(),
-                instance: Some(instance.into()),
+                instance: Some(instance),
             },
         );
         Self {

@@ -16,7 +16,7 @@ use liveresponse_api::crd::{
 };
 use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
 use liveresponse_operator::artifacts::{ArtifactStore, S3Config};
-use liveresponse_operator::context::{Context, Stores, Timing};
+use liveresponse_operator::context::{Context, Stores, Timing, Who};
 use liveresponse_operator::controllers::{self, batch, command, device, library, session};
 use liveresponse_operator::files_api;
 use liveresponse_operator::gateway::{Gateway, GatewayService};
@@ -319,7 +319,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         client.clone(),
         gateway.clone(),
         metrics,
-        &instance,
+        Who {
+            instance: instance.clone(),
+            identity,
+        },
         Stores {
             commands: command_store.clone(),
             sessions: session_store,
@@ -331,7 +334,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             disconnect_grace: Duration::from_secs(args.disconnect_grace_seconds),
         },
         artifacts,
-        identity,
     ));
     // Decisions read these caches: start once they hold the cluster's state.
     device_store.wait_until_ready().await?;
