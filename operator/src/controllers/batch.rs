@@ -184,6 +184,17 @@ pub fn decide(b: &BatchCommand, o: &Observed) -> Plan {
                 format!("{} runs in the console, not on devices", inv.spec.name),
             );
         }
+        if name.len() > 63 {
+            return fail_to_start(
+                b,
+                o,
+                "NameTooLong",
+                format!(
+                    "the batch's name is {} characters; at most 63 fit, because it labels the batch's sessions and commands: create it again with a shorter name",
+                    name.len()
+                ),
+            );
+        }
         if !o.enabled {
             return fail_to_start(
                 b,

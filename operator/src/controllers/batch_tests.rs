@@ -228,6 +228,17 @@ fn refusals_before_start_say_why() {
     let st = decide(&b, &o).status;
     assert!(st.message.unwrap_or_default().contains("not enabled"));
 
+    let mut long = batch(1);
+    long.metadata.name = Some("x".repeat(64));
+    let plan = decide(&long, &obs(&["d1"]));
+    assert!(plan.create.is_empty());
+    assert!(
+        plan.status
+            .message
+            .unwrap_or_default()
+            .contains("at most 63")
+    );
+
     let mut unstamped = batch(1);
     unstamped.metadata.annotations = None;
     let plan = decide(&unstamped, &obs(&["d1"]));
