@@ -26,11 +26,31 @@ async fn wait_batch(
     what: &str,
 ) -> Result<BatchCommand> {
     let api: Api<BatchCommand> = Api::namespaced(env.cluster.client("admin").await?, ns);
-    e2e::eventually(&format!("batch {name}: {what}"), T, || async {
+    let r = e2e::eventually(&format!("batch {name}: {what}"), T, || async {
         let b = api.get(name).await?;
         Ok(done(&b).then_some(b))
     })
-    .await
+    .await;
+    if r.is_err() {
+        // Say where it stuck: the batch and its children as they are now.
+        let b = api.get(name).await.ok().and_then(|b| b.status);
+        let children = env.cluster.kubectl_ok(
+            "admin",
+            &[
+                "-n",
+                ns,
+                "get",
+                "lrs,lrc",
+                "-l",
+                &format!("{BATCH_LABEL}={name}"),
+                "-o",
+                "wide",
+            ],
+            None,
+        );
+        return r.with_context(|| format!("status: {b:?}\nchildren:\n{children:?}"));
+    }
+    r
 }
 
 fn batch_phase(b: &BatchCommand) -> Option<BatchPhase> {
@@ -182,6 +202,26 @@ pub async fn batch_runs_on_the_devices_its_selector_picks(env: &'static Env) -> 
     ensure!(st.total == 4 && st.counts.succeeded == 4, "{st:?}");
     let devices: Vec<&str> = st.results.iter().map(|r| r.device.as_str()).collect();
     ensure!(devices == picked, "results for {devices:?}");
+
+    // Its start and end are Events on it (kubectl describe lrb shows them).
+    e2e::eventually("the batch's events", T, || async {
+        let out = env.cluster.kubectl_ok(
+            "admin",
+            &[
+                "-n",
+                ns,
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=hunt,involvedObject.kind=BatchCommand",
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ],
+            None,
+        )?;
+        Ok((out.contains("Started") && out.contains("Succeeded")).then_some(()))
+    })
+    .await?;
 
     // Each device's own Command found the process, with its pid.
     let commands: Api<Command> = Api::namespaced(analyst.clone(), ns);

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     /// Bytes of files received from agents (getfile).
     pub file_bytes: prometheus::IntCounter,
+    /// Batches that finished, by phase.
+    pub batches: IntCounterVec,
 }
 
 impl Metrics {
@@ -75,8 +77,17 @@ impl Metrics {
             "Bytes of files received from agents (getfile)",
         )
         .expect("static metric definition");
+        let batches = IntCounterVec::new(
+            Opts::new(
+                "liveresponse_batches_total",
+                "BatchCommands that finished, by phase",
+            ),
+            &["phase"],
+        )
+        .expect("static metric definition");
         for c in [
-            Box::new(sessions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(batches.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sessions.clone()),
             Box::new(commands.clone()),
             Box::new(command_latency.clone()),
             Box::new(agents_connected.clone()),
@@ -88,7 +99,7 @@ impl Metrics {
         }
         // A counter that never fired is still exported as 0, so a dashboard or an alert
         // on it sees "no errors" rather than "no data".
-        for controller in ["command", "session", "device"] {
+        for controller in ["command", "session", "device", "batch"] {
             reconcile_errors.with_label_values(&[controller]);
         }
         Self {
@@ -100,6 +111,7 @@ impl Metrics {
             duplicate_connections,
             reconcile_errors,
             file_bytes,
+            batches,
         }
     }
 

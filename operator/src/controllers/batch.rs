@@ -36,6 +36,9 @@ use crate::status::set_condition;
 /// At most this many devices per batch: one status entry each must fit in the object.
 pub const MAX_DEVICES: usize = 5000;
 
+/// How often a running batch looks at its children without being woken.
+const RECHECK: Duration = Duration::from_secs(2);
+
 /// Children created at once by one reconcile.
 const CREATE_PARALLELISM: usize = 32;
 
@@ -601,11 +604,53 @@ async fn apply(b: &BatchCommand, plan: Plan, ctx: &Context) -> Result<Action> {
             Err(e) => errors.push(e.into()),
         }
     }
+    let (before, after) = (b.status.as_ref().and_then(|s| s.phase), plan.status.phase);
     write_status(b, &plan.status, ctx).await?;
+    if before != after {
+        announce(b, &plan.status, ctx).await;
+    }
     if let Some(e) = errors.into_iter().next() {
         return Err(e);
     }
-    Ok(Action::await_change())
+    if plan.status.phase.is_some_and(BatchPhase::is_final) {
+        return Ok(Action::await_change());
+    }
+    // A child's change wakes the batch through the batch's own watches, but the children
+    // are read from the session and command controllers' caches, which may not have that
+    // change yet: look again shortly rather than wait for a change that already came.
+    Ok(Action::requeue(RECHECK))
+}
+
+/// An Event when the batch starts or ends (`kubectl describe lrb` shows them), and the
+/// finished-batches metric.
+async fn announce(b: &BatchCommand, st: &BatchStatus, ctx: &Context) {
+    let Some(phase) = st.phase else { return };
+    let message = st.message.clone().unwrap_or_default();
+    match phase {
+        BatchPhase::Running => {
+            let note = format!(
+                "{} device(s) picked; running `{}`, {} at a time",
+                st.total,
+                st.command_line.as_deref().unwrap_or_default(),
+                b.spec.max_concurrency
+            );
+            ctx.event(b, false, "Started", note).await;
+        }
+        BatchPhase::Pending => {}
+        done => {
+            ctx.metrics
+                .batches
+                .with_label_values(&[&format!("{done:?}")])
+                .inc();
+            ctx.event(
+                b,
+                done != BatchPhase::Succeeded,
+                &format!("{done:?}"),
+                message,
+            )
+            .await;
+        }
+    }
 }
 
 fn owner(b: &BatchCommand) -> Option<OwnerReference> {
