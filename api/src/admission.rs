@@ -19,6 +19,8 @@ pub fn command_policy_yaml() -> String {
 # Commands, advanced verbs need the virtual permission create on commands/advanced, which
 # only the liveresponse-advanced role grants, and isolating a device or acting on an account
 # needs create on commands/isolate or commands/accounts (the liveresponse-responder role).
+# A BatchCommand carries the same verb and arguments and meets the same rules, so a batch
+# never lets anyone run on many devices what they may not run on one.
 ---
 apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicy
@@ -32,7 +34,7 @@ spec:
     - apiGroups: ["liveresponse.io"]
       apiVersions: ["*"]
       operations: [CREATE]
-      resources: [commands]
+      resources: [commands, batchcommands]
   variables:
   - name: verb
     expression: object.spec.command

@@ -14,7 +14,8 @@ pub fn render(spec: &CommandSpec, records: &[serde_json::Value], format: OutputF
     }
 }
 
-fn cell(v: Option<&serde_json::Value>) -> String {
+/// One value as a table cell: arrays joined with commas, on one line.
+pub fn cell(v: Option<&serde_json::Value>) -> String {
     match v {
         None | Some(serde_json::Value::Null) => String::new(),
         Some(serde_json::Value::String(s)) => s.clone(),

@@ -10,6 +10,7 @@
 //! do, admission policies may refuse a command (their message is shown as is), and the
 //! API server's audit log plus the Command objects are the record of the session.
 
+mod batch;
 mod client;
 mod connect;
 mod console;
@@ -103,6 +104,9 @@ enum Cmd {
     /// Manage the namespace's library of scripts for run and putfile.
     #[command(subcommand)]
     Library(LibraryCmd),
+    /// Run one command on many devices at once (a BatchCommand) and read the results.
+    #[command(subcommand)]
+    Batch(BatchCmd),
     /// Download the file a getfile brought back, or a command's whole output (resumes,
     /// verifies its sha256).
     Download {
@@ -119,6 +123,29 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BatchCmd {
+    /// Run a command on every device a label selector or a name picks, e.g.
+    /// `batch create -l role=web -- processes -name sshd`.
+    Create(batch::CreateArgs),
+    /// List the batches, or show one: phase and how many devices are where.
+    Get {
+        /// Name of a batch (default: all of the namespace).
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Every device's records in one table with a DEVICE column (or JSON lines with
+    /// `-o json`), then the devices that did not succeed. Exits 1 unless all succeeded.
+    Results {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Stop a batch: running devices are cancelled, waiting ones never start.
+    Cancel { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +260,14 @@ async fn run(cli: &Cli) -> Result<i32> {
             full_output,
             quiet,
         } => download::run(&ctx, command, output.as_deref(), *full_output, *quiet).await?,
+        Cmd::Batch(BatchCmd::Create(args)) => return batch::create(&ctx, args, colors).await,
+        Cmd::Batch(BatchCmd::Get { name, output }) => {
+            batch::get(&ctx, name.as_deref(), *output, colors).await?
+        }
+        Cmd::Batch(BatchCmd::Results { name, output }) => {
+            return batch::results(&ctx, name, *output, colors).await;
+        }
+        Cmd::Batch(BatchCmd::Cancel { name }) => batch::cancel(&ctx, name).await?,
         Cmd::Exec(_) => {}
     }
     Ok(EXIT_OK)

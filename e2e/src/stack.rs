@@ -195,7 +195,7 @@ impl Stack {
         )?;
         // Ready means a Command passes admission: discovery serves the kinds, and the
         // mutating policy can type its objects (it resolves CRD schemas a little later).
-        let probe = "apiVersion: liveresponse.io/v1alpha1\nkind: Command\nmetadata: {name: probe, namespace: default}\nspec: {session: probe, command: processes}\n";
+        let probe = "apiVersion: liveresponse.io/v1alpha1\nkind: Command\nmetadata: {name: probe, namespace: default}\nspec: {session: probe, command: processes}\n---\napiVersion: liveresponse.io/v1alpha1\nkind: BatchCommand\nmetadata: {name: probe, namespace: default}\nspec: {devices: [probe], command: processes}\n";
         let mut last = String::new();
         for _ in 0..150 {
             let out = c.kubectl(

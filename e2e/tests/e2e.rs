@@ -9,6 +9,7 @@
 mod agent_protocol;
 mod analyze;
 mod api;
+mod batch;
 mod certificates;
 mod console;
 mod control_plane;
@@ -79,6 +80,8 @@ fn main() {
         control_plane::cluster_script_is_idempotent,
         control_plane::missing_go_is_explained,
         api::api_is_installed_and_documented,
+        batch::batch_runs_on_the_devices_its_selector_picks,
+        batch::cancelling_a_batch_stops_every_child,
         api::basic_analyst_tier,
         api::advanced_analyst_tier,
         api::outsider_can_create_nothing,

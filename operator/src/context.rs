@@ -30,6 +30,14 @@ pub struct Stores {
     pub settings: Store<LiveResponseSettings>,
 }
 
+/// Who this operator is.
+pub struct Who {
+    /// Name of this replica.
+    pub instance: String,
+    /// The user name the API server knows it by (see [`Context::identity`]).
+    pub identity: String,
+}
+
 /// Timing knobs (flags of the operator).
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
@@ -74,6 +82,9 @@ pub struct Context {
     failures: Mutex<HashMap<(&'static str, String, String), u32>>,
     /// Where getfile results, full outputs and library uploads are kept.
     pub artifacts: Arc<ArtifactStore>,
+    /// The operator's own user name, as the API server knows it: a batch's child sessions
+    /// are opened in this name, which no one else can use (admission).
+    pub identity: String,
 }
 
 impl Context {
@@ -81,16 +92,17 @@ impl Context {
         client: Client,
         gateway: Arc<Gateway>,
         metrics: Metrics,
-        instance: &str,
+        who: Who,
         stores: Stores,
         timing: Timing,
         artifacts: Arc<ArtifactStore>,
     ) -> Self {
+        let Who { instance, identity } = who;
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
                 controller: "liveresponse-operator".into(),
-                instance: Some(instance.into()),
+                instance: Some(instance),
             },
         );
         Self {
@@ -109,6 +121,7 @@ impl Context {
             finished: Mutex::new(Finished::default()),
             failures: Mutex::new(HashMap::new()),
             artifacts,
+            identity,
         }
     }
 

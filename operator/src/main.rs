@@ -12,12 +12,12 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use liveresponse_api::crd::{
-    Command, Device, LibraryFile, LiveResponseSession, LiveResponseSettings,
+    BatchCommand, Command, Device, LibraryFile, LiveResponseSession, LiveResponseSettings,
 };
 use liveresponse_api::proto::agent_gateway_server::AgentGatewayServer;
 use liveresponse_operator::artifacts::{ArtifactStore, S3Config};
-use liveresponse_operator::context::{Context, Stores, Timing};
-use liveresponse_operator::controllers::{self, command, device, library, session};
+use liveresponse_operator::context::{Context, Stores, Timing, Who};
+use liveresponse_operator::controllers::{self, batch, command, device, library, session};
 use liveresponse_operator::files_api;
 use liveresponse_operator::gateway::{Gateway, GatewayService};
 use liveresponse_operator::metrics::Metrics;
@@ -312,11 +312,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .default_backoff()
             .for_each(|_| async {}),
     );
+    // Who the API server says we are: a batch's child sessions are opened in this name.
+    let identity = whoami(&client).await?;
+    tracing::info!(%identity, "authenticated to the API server");
     let ctx = Arc::new(Context::new(
         client.clone(),
         gateway.clone(),
         metrics,
-        &instance,
+        Who {
+            instance: instance.clone(),
+            identity,
+        },
         Stores {
             commands: command_store.clone(),
             sessions: session_store,
@@ -438,9 +444,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ctx.clone(),
         )
         .for_each(|_| async {});
-    tokio::join!(command_ctrl, session_ctrl, library_ctrl);
+    // A batch follows its children: their changes (labelled with the batch's name) wake it.
+    let batches_api = Api::<BatchCommand>::all(client.clone());
+    let batch_ctrl = Controller::new(batches_api, cfg.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
+        .watches(
+            Api::<Command>::all(client.clone()),
+            watcher::Config::default().labels(liveresponse_api::crd::BATCH_LABEL),
+            |c: Command| batch::parent(&c.metadata),
+        )
+        .watches(
+            Api::<LiveResponseSession>::all(client.clone()),
+            watcher::Config::default().labels(liveresponse_api::crd::BATCH_LABEL),
+            |s: LiveResponseSession| batch::parent(&s.metadata),
+        )
+        .shutdown_on_signal()
+        .run(
+            batch::reconcile,
+            controllers::error_policy("batch"),
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    tokio::join!(command_ctrl, session_ctrl, library_ctrl, batch_ctrl);
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+async fn whoami(client: &Client) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    let review = api
+        .create(&Default::default(), &SelfSubjectReview::default())
+        .await?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("the API server did not say who this operator is (SelfSubjectReview without a user name)"))
 }
 
 fn hostname() -> String {

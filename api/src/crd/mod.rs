@@ -7,6 +7,8 @@
 // Clippy reads kube's repeated `printcolumn(type_ = "string", ...)` entries as duplicated
 // attributes; they are distinct columns.
 #[allow(clippy::duplicated_attributes)]
+mod batch;
+#[allow(clippy::duplicated_attributes)]
 mod command;
 #[allow(clippy::duplicated_attributes)]
 mod device;
@@ -17,6 +19,7 @@ mod session;
 #[allow(clippy::duplicated_attributes)]
 mod settings;
 
+pub use batch::*;
 pub use command::*;
 pub use device::*;
 pub use library::*;
@@ -38,6 +41,7 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
         Device::crd(),
         LiveResponseSession::crd(),
         Command::crd(),
+        BatchCommand::crd(),
         LibraryFile::crd(),
         LiveResponseSettings::crd(),
     ]

@@ -81,6 +81,8 @@ pub struct SessionFacts {
     pub phase: Option<SessionPhase>,
     pub created: jiff::Timestamp,
     pub requested_by: String,
+    /// For a batch's child session (opened by the operator): the user who created the batch.
+    pub on_behalf_of: Option<String>,
     pub device: String,
     pub working_directory: Option<String>,
 }
@@ -695,6 +697,11 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
             .creation_timestamp()
             .map_or_else(jiff::Timestamp::now, |t| t.0),
         requested_by: s.spec.requested_by.clone(),
+        on_behalf_of: s
+            .annotations()
+            .get(liveresponse_api::crd::ON_BEHALF_OF_ANNOTATION)
+            .filter(|_| s.spec.requested_by == ctx.identity)
+            .cloned(),
         device: s.spec.device.clone(),
         working_directory: s
             .status
@@ -707,7 +714,7 @@ async fn observe(c: &Command, ctx: &Context) -> Result<Observed> {
         .unwrap_or_default();
     let access = match (&parsed, phase(c)) {
         (Ok(inv), None | Some(CommandPhase::Pending)) if inv.spec.tier == Tier::Advanced => {
-            may_run_advanced(c, ctx).await?
+            may_run_advanced(c, &c.spec.command, &c.spec.args, ctx).await?
         }
         _ => Ok(()),
     };
@@ -866,23 +873,28 @@ async fn library_content(
 /// Asks the API server whether the command's creator may create `commands/advanced` in its
 /// namespace, as the tier admission policy does: if that policy's binding is missing, an
 /// advanced verb still fails, here.
-async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), String>> {
-    let tier = creator_may(c, ctx, "commands", Some("advanced"), "create", |user, ns| {
+/// Asks the API server again whether the creator of `obj` (a Command, or a BatchCommand)
+/// may run the advanced `command` with `args`.
+pub async fn may_run_advanced<K: Resource>(
+    obj: &K,
+    command: &str,
+    args: &[String],
+    ctx: &Context,
+) -> Result<Result<(), String>> {
+    let tier = creator_may(obj, ctx, "commands", Some("advanced"), "create", |user, ns| {
         format!(
-            "{user} may not run the advanced command {}: it needs the liveresponse-advanced role (create on commands/advanced in namespace {ns}); ask your live response administrator for it",
-            c.spec.command
+            "{user} may not run the advanced command {command}: it needs the liveresponse-advanced role (create on commands/advanced in namespace {ns}); ask your live response administrator for it"
         )
     })
     .await?;
-    let further = parse_command(&c.spec.command, &c.spec.args)
+    let further = parse_command(command, args)
         .ok()
         .and_then(|i| i.responder_subresource());
     match (tier, further) {
         (Ok(()), Some(sub)) => {
-            creator_may(c, ctx, "commands", Some(sub), "create", |user, ns| {
+            creator_may(obj, ctx, "commands", Some(sub), "create", |user, ns| {
                 format!(
-                    "{user} may not run {}: it needs the liveresponse-responder role (create on commands/{sub} in namespace {ns})",
-                    c.spec.command
+                    "{user} may not run {command}: it needs the liveresponse-responder role (create on commands/{sub} in namespace {ns})"
                 )
             })
             .await
@@ -894,8 +906,8 @@ async fn may_run_advanced(c: &Command, ctx: &Context) -> Result<Result<(), Strin
 /// Asks the API server whether the command's creator (the user and groups admission
 /// stamped on it) may `verb` the liveresponse.io `resource` (`/subresource`) in the
 /// command's namespace; when not, the refusal `denied(user, namespace)` words.
-async fn creator_may(
-    c: &Command,
+async fn creator_may<K: Resource>(
+    c: &K,
     ctx: &Context,
     resource: &str,
     subresource: Option<&str>,
@@ -1029,7 +1041,10 @@ async fn apply(c: &Command, o: &Observed, decision: Decision, ctx: &Context) -> 
                 max_file_bytes: o.limits.max_file_size,
                 content: o.content.clone().and_then(|c| c.ok()),
                 rules: o.rules.clone(),
-                requested_by: session.requested_by.clone(),
+                requested_by: match &session.on_behalf_of {
+                    Some(user) => format!("{user} (batch)"),
+                    None => session.requested_by.clone(),
+                },
             };
             let sent = ctx.gateway.execute(target, msg);
             if let Err(SendError::Staging(why)) = &sent {

@@ -67,6 +67,7 @@ fn session(phase: SessionPhase) -> SessionFacts {
         created: t(0),
         requested_by: "alice".into(),
         device: "d1".into(),
+        on_behalf_of: None,
         working_directory: Some("/etc".into()),
     }
 }

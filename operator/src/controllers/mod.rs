@@ -1,6 +1,7 @@
 //! One module per controller.
 
 pub mod artifact_gc;
+pub mod batch;
 pub mod command;
 pub mod device;
 pub mod library;

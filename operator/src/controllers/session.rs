@@ -162,6 +162,13 @@ pub fn decide(s: &LiveResponseSession, o: &Observed) -> Decision {
     )
 }
 
+/// A session the operator opened for a BatchCommand: outside the session limits (the
+/// batch's `maxConcurrency` bounds those), so a batch and an analyst's session on the same
+/// device never refuse each other. Only the operator can open a session in its own name.
+pub fn is_batch_child(s: &LiveResponseSession, operator: &str) -> bool {
+    s.spec.requested_by == operator && s.labels().contains_key(liveresponse_api::crd::BATCH_LABEL)
+}
+
 /// Decides whether a new session may start. The order is deterministic — sessions already
 /// admitted first, then pending ones by creation time and name — so when several sessions
 /// race for the last slot, every reconcile picks the same winner. `others` are the
@@ -170,11 +177,16 @@ pub fn admit(
     s: &LiveResponseSession,
     others: &[Arc<LiveResponseSession>],
     settings: &SettingsSpec,
+    operator: &str,
 ) -> Result<(), String> {
+    if is_batch_child(s, operator) {
+        return Ok(());
+    }
     let mut candidates: Vec<&LiveResponseSession> = others
         .iter()
         .map(|o| o.as_ref())
         .filter(|o| o.uid() != s.uid())
+        .filter(|o| !is_batch_child(o, operator))
         .filter(|o| o.meta().deletion_timestamp.is_none() && o.spec.state == SessionState::Active)
         .filter(|o| !phase(o).is_some_and(SessionPhase::is_final))
         .collect();
@@ -246,7 +258,7 @@ fn observe(s: &LiveResponseSession, ctx: &Context) -> Observed {
                 .into_iter()
                 .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
                 .collect();
-            admit(s, &others, st)
+            admit(s, &others, st, &ctx.identity)
         }
         _ => Ok(()),
     };

@@ -207,13 +207,18 @@ fn admission_picks_the_same_winner_for_the_last_slot() {
     let a = Arc::new(sess("a", "alice", "d1", None, 5));
     let b = Arc::new(sess("b", "bob", "d1", None, 3));
     let all = vec![a.clone(), b.clone()];
-    assert!(admit(&b, &all, &settings).is_ok(), "the older one wins");
-    let err = admit(&a, &all, &settings).err().unwrap_or_default();
+    assert!(
+        admit(&b, &all, &settings, "operator").is_ok(),
+        "the older one wins"
+    );
+    let err = admit(&a, &all, &settings, "operator")
+        .err()
+        .unwrap_or_default();
     assert!(err.contains("sessionsPerDevice"), "{err}");
     // An admitted session keeps its slot against an older newcomer.
     let c = Arc::new(sess("c", "carol", "d1", Some(SessionPhase::Connected), 9));
     let all = vec![a, b.clone(), c];
-    assert!(admit(&b, &all, &settings).is_err());
+    assert!(admit(&b, &all, &settings, "operator").is_err());
 }
 
 #[test]
@@ -231,10 +236,51 @@ fn admission_counts_users_and_the_namespace() {
     let c = Arc::new(sess("c", "carol", "d4", None, 2));
     let d = Arc::new(sess("d", "dave", "d5", None, 3));
     let all = vec![a, a2.clone(), b, c.clone(), d.clone()];
-    let err = admit(&a2, &all, &settings).err().unwrap_or_default();
+    let err = admit(&a2, &all, &settings, "operator")
+        .err()
+        .unwrap_or_default();
     assert!(err.contains("sessionsPerUser"), "{err}");
     // A refused session takes no slot: carol gets the third.
-    assert!(admit(&c, &all, &settings).is_ok());
-    let err = admit(&d, &all, &settings).err().unwrap_or_default();
+    assert!(admit(&c, &all, &settings, "operator").is_ok());
+    let err = admit(&d, &all, &settings, "operator")
+        .err()
+        .unwrap_or_default();
     assert!(err.contains("maxSessions"), "{err}");
+}
+
+#[test]
+fn batch_children_and_analysts_do_not_take_each_others_slots() {
+    let settings = SettingsSpec {
+        enabled: true,
+        sessions_per_device: 1,
+        sessions_per_user: 1,
+        ..Default::default()
+    };
+    let batch_child = |name: &str, device: &str, by: &str| {
+        let mut s = sess(name, by, device, None, 1);
+        s.metadata.labels = Some(
+            [(
+                liveresponse_api::crd::BATCH_LABEL.to_string(),
+                "b".to_string(),
+            )]
+            .into(),
+        );
+        Arc::new(s)
+    };
+    let analyst = Arc::new(sess("a", "alice", "d1", Some(SessionPhase::Connected), 0));
+    let child1 = batch_child("b-d1", "d1", "operator");
+    let child2 = batch_child("b-d2", "d2", "operator");
+    let all = vec![analyst.clone(), child1.clone(), child2.clone()];
+    // Two children of one "user" on a busy device: neither limit applies to them.
+    assert!(admit(&child1, &all, &settings, "operator").is_ok());
+    assert!(admit(&child2, &all, &settings, "operator").is_ok());
+    // And an analyst arriving after them is not refused because of them.
+    let late = Arc::new(sess("late", "bob", "d2", None, 5));
+    let all = vec![analyst, child1, child2, late.clone()];
+    assert!(admit(&late, &all, &settings, "operator").is_ok());
+    // A user's own session labelled as a batch child is still counted: only the operator's
+    // sessions are exempt.
+    let fake = batch_child("fake", "d2", "mallory");
+    let all = vec![late.clone(), fake];
+    assert!(admit(&late, &all, &settings, "operator").is_err());
 }
