@@ -330,4 +330,3 @@ pub fn keep_logs(from: &Path, to: &Path) {
         }
     }
 }
-
