@@ -133,7 +133,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {pid}\n\
                  AuthorizedKeysFile {auth}\nPubkeyAuthentication yes\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\n\
-                 StrictModes no\nSubsystem sftp internal-sftp\n",
+                 StrictModes no\nSubsystem sftp internal-sftp\nMaxStartups 100\n",
                 host = host_key.display(),
                 pid = dir.join("sshd.pid").display(),
                 auth = authorized.display(),

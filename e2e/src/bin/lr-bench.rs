@@ -25,7 +25,7 @@ use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use e2e::Cluster;
 use e2e::bench::{
     Sshd, clock_ticks, cpu_secs, ensure_sshd, keep_logs, now_utc, openssh_version, run_ok,
@@ -36,7 +36,7 @@ use e2e::process::vm_rss;
 use e2e::stack::Stack;
 use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use liveresponse_api::crd::{
     BatchCommand, BatchSpec, Command, CommandPhase, Device, LiveResponseSession, SessionPhase,
@@ -74,7 +74,9 @@ fn config() -> Config {
     Config {
         agents,
         runs: env_usize("BENCH_RUNS", 50).max(3),
-        throughput_devices: env_usize("BENCH_THROUGHPUT_DEVICES", 1000).clamp(1, agents),
+        // One fewer than the first batch: sim-00001 keeps the round trips' session.
+        throughput_devices: env_usize("BENCH_THROUGHPUT_DEVICES", 999)
+            .clamp(1, agents.min(FIRST_BATCH).saturating_sub(1).max(1)),
         idle_secs: env_usize("BENCH_IDLE_SECONDS", 30).max(5) as u64,
     }
 }
@@ -129,7 +131,8 @@ impl Finals {
         let s = slots.clone();
         tokio::spawn(async move {
             let mut ready = Some(ready_tx);
-            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
+            let mut events =
+                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
             while let Some(ev) = events.next().await {
                 let c = match ev {
                     Ok(watcher::Event::Apply(c)) | Ok(watcher::Event::InitApply(c)) => c,
@@ -190,9 +193,9 @@ async fn round_trip(
     Cmd::new(session, verb, args)
         .create(client, ns, name)
         .await?;
-    let (phase, at) = tokio::time::timeout(Duration::from_secs(120), done)
+    let (phase, at) = tokio::time::timeout(Duration::from_secs(60), done)
         .await
-        .with_context(|| format!("{name} did not finish within 120s"))??;
+        .with_context(|| format!("{name} did not finish within 60s"))??;
     if phase != Some(CommandPhase::Succeeded) {
         let c = Api::<Command>::namespaced(client.clone(), ns)
             .get(name)
@@ -209,7 +212,8 @@ fn floor_controller(admin: Client, ns: &str) -> tokio::task::JoinHandle<()> {
     // The times' values cost nothing to write; asking the clock per patch would.
     let now = now_utc();
     tokio::spawn(async move {
-        let mut events = std::pin::pin!(watcher(api.clone(), watcher::Config::default()));
+        let mut events =
+            std::pin::pin!(watcher(api.clone(), watcher::Config::default()).default_backoff());
         while let Some(ev) = events.next().await {
             let Ok(watcher::Event::Apply(c)) = ev else {
                 continue;
@@ -224,7 +228,7 @@ fn floor_controller(admin: Client, ns: &str) -> tokio::task::JoinHandle<()> {
                     "commandLine": "processes", "startTime": now}});
                 let done = serde_json::json!({"status": {"phase": "Succeeded", "exitCode": 0,
                     "completionTime": now, "duration": "0s",
-                    "output": {"format": "Json", "content": FLOOR_OUTPUT}}});
+                    "output": {"format": "json", "content": FLOOR_OUTPUT}}});
                 if let Err(e) = api.patch_status(&name, &pp, &Patch::Merge(running)).await {
                     eprintln!("bench: floor: patching {name}: {e}");
                     return;
@@ -250,10 +254,21 @@ async fn wait_sessions(client: &Client, ns: &str, prefix: &str, want: usize) -> 
     let start = Instant::now();
     loop {
         let list = api.list(&ListParams::default()).await?;
-        let connected = list
+        let ours: Vec<_> = list
             .items
             .iter()
             .filter(|s| s.name_any().starts_with(prefix))
+            .collect();
+        if let Some(ended) = ours.iter().find(|s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .is_some_and(|p| p.is_final())
+        }) {
+            bail!("session {} ended: {:?}", ended.name_any(), ended.status);
+        }
+        let connected = ours
+            .iter()
             .filter(|s| s.status.as_ref().and_then(|st| st.phase) == Some(SessionPhase::Connected))
             .count();
         if connected >= want {
@@ -531,7 +546,7 @@ async fn bench(cfg: &Config, dir: &Path) -> Result<Results> {
         }
         fake.abort();
         // The operator must not meet them.
-        stack.cluster.kubectl_ok("admin", &["-n", NS, "delete", "commands,sessions", "--all"], None)?;
+        stack.cluster.kubectl_ok("admin", &["-n", NS, "delete", "commands.liveresponse.io,liveresponsesessions.liveresponse.io", "--all"], None)?;
 
         eprintln!("bench: starting the operator, a real agent and the simulated fleet");
         // Created by hand above, since Stack::up would start the operator before the floor.
@@ -565,8 +580,10 @@ async fn bench(cfg: &Config, dir: &Path) -> Result<Results> {
         r.operator_rss_mib_before_fleet = stack.operator_pid().map_or(Ok(0), vm_rss)? as f64 / MIB;
 
         eprintln!("bench: throughput over {} simulated devices", cfg.throughput_devices);
+        // sim-00001 keeps its round-trip session (one session per device): these start
+        // at sim-00002.
         for i in 1..=cfg.throughput_devices {
-            open_session(&client, SIM_NS, &format!("t-{i}"), &sim(i)).await?;
+            open_session(&client, SIM_NS, &format!("t-{i}"), &sim(i + 1)).await?;
         }
         wait_sessions(&client, SIM_NS, "t-", cfg.throughput_devices).await?;
         let (n, secs) = throughput(&client, &sim_finals, cfg.throughput_devices, 3).await?;
@@ -574,7 +591,7 @@ async fn bench(cfg: &Config, dir: &Path) -> Result<Results> {
         r.throughput_commands = n;
         r.throughput_per_s = n as f64 / secs;
         // Their sessions end, so the fan-out's child sessions are the only ones left.
-        stack.cluster.kubectl_ok("admin", &["-n", SIM_NS, "delete", "sessions", "--all", "--wait=false"], None)?;
+        stack.cluster.kubectl_ok("admin", &["-n", SIM_NS, "delete", "liveresponsesessions.liveresponse.io", "--all", "--wait=false"], None)?;
 
         for n in [100, 1000] {
             if n > first {
