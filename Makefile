@@ -8,7 +8,7 @@ S3S_FS_VERSION := 0.14.1
 S3S_ROOT := $(or $(LR_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/liveresponse-e2e)/s3s-fs-$(S3S_FS_VERSION)
 S3S_FS := $(S3S_ROOT)/bin/s3s-fs
 
-.PHONY: s3s-fs demo-check all build crds check-crds fmt lint unit fuzz e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs bench bench-getfile
+.PHONY: s3s-fs demo-check all build crds check-crds fmt lint unit fuzz e2e test cluster-bin cluster-up cluster-down cluster-status demo demo-up demo-down prereqs bench bench-getfile bench-fleet
 
 all: build
 
@@ -94,8 +94,16 @@ demo: cluster-bin build
 	@e2e/demo.sh
 
 ## Benchmarks, on optimised builds; not part of `make test` (they report, they do not fail on
-## a missed target). More will join `bench`.
-bench: bench-getfile
+## a missed target). getfile first: it starts e2e/.state/bench afresh, and lr-bench's table
+## includes its getfile.json.
+bench: bench-getfile bench-fleet
+
+## Round trips against the floor and OpenSSH, throughput, fan-out, and the operator with
+## BENCH_AGENTS (default 10000) idle simulated agents; see BENCHMARKS.md. Results on stdout
+## and in e2e/.state/bench/bench.json.
+bench-fleet: cluster-bin
+	$(CARGO) build --release --workspace --bins
+	LR_PROFILE=release $(CARGO) run -q --release -p liveresponse-e2e --bin lr-bench
 
 ## getfile of a 750 MiB file next to scp and ssh cat on loopback (sshd from Debian's
 ## openssh-server, installed when missing), and the operator's RSS during it. Results on

@@ -129,6 +129,15 @@ pub fn new_key_and_csr(device: &str) -> Result<(KeyPair, String)> {
     Ok((key, csr))
 }
 
+/// The endpoint an agent enrolls through: it trusts only the operator's CA, since it has
+/// no certificate of its own yet.
+pub fn enroll_endpoint(gateway: &str, domain: &str, ca_pem: &str) -> Result<Endpoint> {
+    let tls = ClientTlsConfig::new()
+        .domain_name(domain)
+        .ca_certificate(Certificate::from_pem(ca_pem));
+    Ok(Endpoint::from_shared(gateway.to_string())?.tls_config(tls)?)
+}
+
 /// Enrolls with the gateway; writes key, certificate and CA into the state folder.
 pub async fn enroll(
     files: &Identityfiles,
@@ -139,12 +148,22 @@ pub async fn enroll(
     device: &str,
     token: &str,
 ) -> Result<()> {
+    let endpoint = enroll_endpoint(gateway, domain, ca_pem)?;
+    enroll_over(files, endpoint, namespace, device, token).await
+}
+
+/// [`enroll`] through an endpoint the caller configured (the simulated fleet gives each
+/// device its own loopback source address, as separate hosts would have).
+pub async fn enroll_over(
+    files: &Identityfiles,
+    endpoint: Endpoint,
+    namespace: &str,
+    device: &str,
+    token: &str,
+) -> Result<()> {
     let (key, csr) = new_key_and_csr(device)?;
-    let tls = ClientTlsConfig::new()
-        .domain_name(domain)
-        .ca_certificate(Certificate::from_pem(ca_pem));
-    let channel = Endpoint::from_shared(gateway.to_string())?
-        .tls_config(tls)?
+    let gateway = endpoint.uri().to_string();
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the gateway at {gateway}"))?;

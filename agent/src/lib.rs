@@ -9,4 +9,5 @@ pub mod executor;
 pub mod journal;
 pub mod logging;
 pub mod provider;
+pub mod sim;
 pub mod transfer;

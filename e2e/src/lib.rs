@@ -19,6 +19,7 @@ use kube::{Api, Client, Config};
 pub mod lr;
 pub mod stack;
 
+pub mod bench;
 pub mod fixture;
 pub mod process;
 pub mod proxy;

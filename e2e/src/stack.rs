@@ -351,8 +351,6 @@ impl Stack {
             self.ca_file().to_string_lossy().into_owned(),
             "--instance".into(),
             "operator-0".into(),
-            "--heartbeat-seconds".into(),
-            "2".into(),
             "--artifact-dir".into(),
             self.artifact_dir().to_string_lossy().into_owned(),
             "--files-addr".into(),
@@ -363,6 +361,10 @@ impl Stack {
             "20".into(),
         ];
         let mut args = args;
+        // Tests want a disconnection seen quickly; a benchmark may ask for the default.
+        if !extra.iter().any(|a| a == "--heartbeat-seconds") {
+            args.extend(["--heartbeat-seconds".into(), "2".into()]);
+        }
         args.extend(extra.iter().cloned());
         let _ = std::fs::remove_file(self.ca_file());
         let start = || -> Result<()> {
@@ -624,6 +626,63 @@ impl Stack {
         Ok(())
     }
 
+    /// Starts `lr-sim-agents`: `count` simulated devices `sim-NNNNN` from number `first`
+    /// in `ns`, enrolling with the namespace's bootstrap token (plus `extra_tokens`, token
+    /// files of the same namespace that spread the enrollments). Their state lives in one
+    /// folder per process; `name` tells processes apart. A no-op when it runs.
+    pub fn start_sim_agents(
+        &self,
+        name: &str,
+        ns: &str,
+        first: usize,
+        count: usize,
+        extra_tokens: &[PathBuf],
+        extra: &[&str],
+    ) -> Result<u32> {
+        let pidfile = self.pidfile(name);
+        if let Some(pid) = pid_alive(&pidfile, "lr-sim-agents") {
+            return Ok(pid);
+        }
+        let mut args: Vec<String> = vec![
+            "--gateway".into(),
+            self.gateway()?,
+            "--state-dir".into(),
+            self.dir
+                .join(format!("{name}-state"))
+                .to_string_lossy()
+                .into_owned(),
+            "--ca-file".into(),
+            self.ca_file().to_string_lossy().into_owned(),
+            "--namespace".into(),
+            ns.into(),
+            "--first".into(),
+            first.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--bootstrap-token-file".into(),
+            self.bootstrap_token(ns)?.to_string_lossy().into_owned(),
+        ];
+        for t in extra_tokens {
+            args.push("--bootstrap-token-file".into());
+            args.push(t.to_string_lossy().into_owned());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(name, &target_bin("lr-sim-agents"), &args)
+    }
+
+    /// Pid of a running `lr-sim-agents` started as `name`.
+    pub fn sim_agents_pid(&self, name: &str) -> Option<u32> {
+        pid_alive(&self.pidfile(name), "lr-sim-agents")
+    }
+
+    /// Stops an `lr-sim-agents` process (SIGKILL: its devices drop as a crash would).
+    pub fn stop_sim_agents(&self, name: &str) {
+        if let Some(pid) = self.sim_agents_pid(name) {
+            kill(pid, "-KILL");
+            self.wait_gone(pid);
+        }
+    }
+
     /// Kills an agent (SIGKILL).
     pub fn kill_agent(&self, ns: &str, device: &str) {
         if let Some(pid) = self.agent_pid(ns, device) {
@@ -680,7 +739,11 @@ impl Stack {
         for e in entries.flatten() {
             let path = e.path();
             if path.extension().is_some_and(|x| x == "pid") {
-                for exe in ["liveresponse-operator", "liveresponse-agent"] {
+                for exe in [
+                    "liveresponse-operator",
+                    "liveresponse-agent",
+                    "lr-sim-agents",
+                ] {
                     if let Some(pid) = pid_alive(&path, exe) {
                         kill(pid, "-TERM");
                         self.wait_gone(pid);

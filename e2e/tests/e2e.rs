@@ -16,6 +16,7 @@ mod control_plane;
 mod defence;
 mod enrollment;
 mod files;
+mod fleet;
 mod hostile;
 mod library;
 mod live;
@@ -131,6 +132,7 @@ fn main() {
         respond::isolation_keeps_only_the_gateway,
         analyze::analyze_gives_verdicts_from_the_library_rules,
         analyze::scan_finds_planted_files_within_bounds_and_cancels,
+        fleet::simulated_agents_answer_from_their_fixture,
     ];
     let serial = trials![
         env,
