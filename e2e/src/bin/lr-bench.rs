@@ -343,6 +343,8 @@ struct Results {
     throughput_devices: usize,
     throughput_commands: usize,
     throughput_per_s: f64,
+    /// Commands that did not finish within 60 s, with the phase they were left in.
+    throughput_stuck: Vec<String>,
     fanout: Vec<serde_json::Value>,
     agents: usize,
     enroll_connect_secs: f64,
@@ -440,35 +442,54 @@ async fn throughput(
     finals: &Finals,
     devices: usize,
     per_session: usize,
-) -> Result<(usize, f64)> {
+) -> Result<(usize, f64, Vec<String>)> {
     let gate = Arc::new(Semaphore::new(256));
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 1..=devices {
         let (client, finals, gate) = (client.clone(), finals.clone(), gate.clone());
         tasks.spawn(async move {
+            let (mut done, mut stuck) = (0usize, Vec::new());
             for k in 0..per_session {
                 let _p = gate.acquire().await?;
-                round_trip(
+                let name = format!("t-{i}-{k}");
+                match round_trip(
                     &client,
                     &finals,
                     SIM_NS,
                     &format!("t-{i}"),
-                    &format!("t-{i}-{k}"),
+                    &name,
                     "processes",
                     &[],
                 )
-                .await?;
+                .await
+                {
+                    Ok(_) => done += 1,
+                    // A command that never ends is a finding to report, not a reason to
+                    // lose the other measurements.
+                    Err(e) if format!("{e:#}").contains("did not finish within") => {
+                        let phase = Api::<Command>::namespaced(client.clone(), SIM_NS)
+                            .get(&name)
+                            .await
+                            .ok()
+                            .and_then(|c| lr::phase(&c))
+                            .map_or("no phase".to_string(), |p| format!("{p:?}"));
+                        stuck.push(format!("{name} ({phase})"));
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            anyhow::Ok(())
+            anyhow::Ok((done, stuck))
         });
     }
-    let mut n = 0;
+    let (mut n, mut stuck) = (0, Vec::new());
     while let Some(r) = tasks.join_next().await {
-        r??;
-        n += per_session;
+        let (done, s) = r??;
+        n += done;
+        stuck.extend(s);
     }
-    Ok((n, t.elapsed().as_secs_f64()))
+    Ok((n, t.elapsed().as_secs_f64(), stuck))
 }
 
 /// One BatchCommand of `processes` to the first `n` simulated devices; seconds from its
@@ -586,7 +607,8 @@ async fn bench(cfg: &Config, dir: &Path) -> Result<Results> {
             open_session(&client, SIM_NS, &format!("t-{i}"), &sim(i + 1)).await?;
         }
         wait_sessions(&client, SIM_NS, "t-", cfg.throughput_devices).await?;
-        let (n, secs) = throughput(&client, &sim_finals, cfg.throughput_devices, 3).await?;
+        let (n, secs, stuck) = throughput(&client, &sim_finals, cfg.throughput_devices, 3).await?;
+        r.throughput_stuck = stuck;
         r.throughput_devices = cfg.throughput_devices;
         r.throughput_commands = n;
         r.throughput_per_s = n as f64 / secs;
@@ -707,6 +729,14 @@ fn report(cfg: &Config, dir: &Path, r: &Results) -> Result<String> {
         "throughput: {:.0} commands/s ({} commands over {} simulated devices, one session each)",
         r.throughput_per_s, r.throughput_commands, r.throughput_devices
     )?;
+    if !r.throughput_stuck.is_empty() {
+        writeln!(
+            o,
+            "throughput: {} command(s) did not finish within 60 s: {}",
+            r.throughput_stuck.len(),
+            r.throughput_stuck.join(", ")
+        )?;
+    }
     for f in &r.fanout {
         writeln!(o, "fan-out: {f}")?;
     }
