@@ -197,7 +197,9 @@ impl Context {
         }
     }
 
-    /// Records a Kubernetes Event on an object; failures are logged, never fatal.
+    /// Records a Kubernetes Event on an object; failures are logged, never fatal. The write
+    /// happens in the background: an Event must not hold up the reconcile that records it
+    /// (a command's next step waits for that reconcile to return).
     pub async fn event<K>(&self, obj: &K, warning: bool, reason: &str, note: String)
     where
         K: Resource<DynamicType = ()>,
@@ -213,9 +215,12 @@ impl Context {
             action: reason.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::debug!(error = %e, "could not record an event");
-        }
+        let (recorder, reference) = (self.recorder.clone(), obj.object_ref(&()));
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::debug!(error = %e, "could not record an event");
+            }
+        });
     }
 }
 
