@@ -316,8 +316,10 @@ pub fn decide(b: &BatchCommand, o: &Observed) -> Plan {
                     match o.children.get(&r.device).and_then(|c| c.command.as_ref()) {
                         Some(c) if !c.cancel => plan.cancel.push(c.name.clone()),
                         Some(_) => {}
-                        // Never created: nothing runs there.
+                        // Not seen yet: the cache may lag behind a create of an earlier
+                        // pass, so cancel it by name (a 404 means it never was created).
                         None => {
+                            plan.cancel.push(child_name(&name, &r.device));
                             r.phase = CommandPhase::Cancelled;
                             r.error = Some("the batch was cancelled".into());
                         }

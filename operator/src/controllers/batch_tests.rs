@@ -212,6 +212,22 @@ fn cancel_cancels_running_children_and_never_starts_the_rest() {
 }
 
 #[test]
+fn cancel_reaches_a_child_the_cache_has_not_seen() {
+    let mut b = batch(2);
+    let o = obs(&["d1", "d2"]);
+    step(&mut b, &o);
+    b.spec.cancel = true;
+    // Both were created by the first pass; the cache shows neither yet.
+    let plan = step(&mut b, &o);
+    assert_eq!(
+        plan.cancel,
+        vec![child_name("hunt", "d1"), child_name("hunt", "d2")]
+    );
+    assert!(plan.create.is_empty());
+    assert_eq!(plan.status.phase, Some(BatchPhase::Cancelled));
+}
+
+#[test]
 fn refusals_before_start_say_why() {
     let b = batch(1);
     let mut o = obs(&["d1"]);
