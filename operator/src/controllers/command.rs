@@ -870,11 +870,10 @@ async fn library_content(
     }))
 }
 
-/// Asks the API server whether the command's creator may create `commands/advanced` in its
-/// namespace, as the tier admission policy does: if that policy's binding is missing, an
-/// advanced verb still fails, here.
-/// Asks the API server again whether the creator of `obj` (a Command, or a BatchCommand)
-/// may run the advanced `command` with `args`.
+/// Asks the API server whether the creator of `obj` (a Command, or a BatchCommand) may
+/// create `commands/advanced` (and the responder subresource `command` with `args` needs)
+/// in its namespace, as the tier admission policy does: if that policy's binding is
+/// missing, an advanced verb still fails, here.
 pub async fn may_run_advanced<K: Resource>(
     obj: &K,
     command: &str,
